@@ -1,0 +1,300 @@
+"""Run configuration: nested, frozen pydantic models loaded from YAML.
+
+One schema serves the built-in demo (configs/demo.yaml), the paper-scale run (configs/paper.yaml) and
+a user's own URL lists. Every model forbids unknown fields, so a typo fails before any work with the
+field's dotted path in the message (``ConfigError``). The same models are the Prefect flows'
+parameters, so the Prefect UI renders them as a typed form.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGES: tuple[str, ...] = ("ingest", "basic_filter", "embed", "semantic_filter", "pca")
+Stage = Literal["ingest", "basic_filter", "embed", "semantic_filter", "pca"]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Strict):
+    """One image-text source: a path or glob of Parquet/CSV URL lists."""
+
+    name: str = Field(description="Short name: lowercase letters, digits, '-' and '_'.")
+    url_list: str = Field(
+        description="Path, fsspec URI or glob of .parquet/.csv files; each file is one or more input partitions."
+    )
+    url_col: str = Field("url", description="Column holding the image URL.")
+    caption_col: str = Field("caption", description="Column holding the caption.")
+    extra_cols: tuple[str, ...] = Field((), description="Further input columns carried into the shards' metadata.")
+    for_generative: bool = Field(
+        True,
+        description="Whether the prior/decoder/upsamplers train on this source (the paper's 'DALL-E data'); "
+        "CLIP trains on every source.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must match [a-z0-9][a-z0-9_-]* (at most 63 characters)")
+        return v
+
+    @field_validator("extra_cols")
+    @classmethod
+    def _extra_ok(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        reserved = {"uid", "url", "caption", "key", "status", "error_message", "width", "height",
+                    "original_width", "original_height", "exif", "md5", "sha256", "sha512", "source"}
+        clash = sorted(set(v) & reserved)
+        if clash:
+            raise ValueError(f"reserved column names cannot be extra columns: {clash}")
+        return v
+
+
+class UrlPolicyConfig(_Strict):
+    """Which URLs the downloader may contact. Checked on the URL text, at every redirect hop and on the
+    address a host name resolves to, before any connection is made."""
+
+    allowed_schemes: tuple[Literal["http", "https"], ...] = Field(("http", "https"), min_length=1)
+    allow_hosts: tuple[str, ...] = Field(
+        (),
+        description="Hosts exempt from the private/loopback/link-local refusal: host names, IP addresses or "
+        "CIDR networks. Empty by default.",
+    )
+    max_redirects: int = Field(5, ge=0, le=20)
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _hosts_ok(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for h in v:
+            h = h.strip().lower()
+            if not h:
+                raise ValueError("empty host entry")
+            if "/" in h:
+                try:
+                    ipaddress.ip_network(h, strict=False)
+                except ValueError as e:
+                    raise ValueError(f"{h!r} is not a valid CIDR network: {e}") from None
+            out.append(h)
+        return tuple(out)
+
+
+class IngestConfig(_Strict):
+    """img2dataset download settings and the safety caps around it."""
+
+    url_policy: UrlPolicyConfig = UrlPolicyConfig()
+    partition_rows: int = Field(
+        1_000_000, ge=1, description="Rows per input partition; a partition is one img2dataset call and the unit "
+        "of incremental re-runs."
+    )
+    samples_per_shard: int = Field(10_000, ge=1, le=1_000_000)
+    image_size: int = Field(256, ge=8, le=4096, description="img2dataset resize target (pixels).")
+    resize_mode: Literal["border", "keep_ratio", "keep_ratio_largest", "center_crop", "no"] = "border"
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+    processes: int = Field(2, ge=1, description="img2dataset worker processes.")
+    threads: int = Field(64, ge=1, description="Download threads per worker process.")
+    distributor: Literal["multiprocessing", "ray", "pyspark"] = "multiprocessing"
+    timeout_s: float = Field(10.0, gt=0, description="Whole-response deadline per download (connect to last byte).")
+    retries: int = Field(0, ge=0, le=10, description="img2dataset per-image retries.")
+    max_body_bytes: int = Field(20 * 2**20, ge=1024, description="Response bodies larger than this are refused.")
+    max_image_pixels: int = Field(
+        64 * 2**20, ge=1024, description="Images with more pixels are refused before decoding (decompression bombs)."
+    )
+    user_agent_token: str | None = Field("unclip-pipeline", description="Token matched against X-Robots-Tag.")
+    disallowed_header_directives: tuple[str, ...] = Field(
+        ("noai", "noimageai", "noindex", "noimageindex"),
+        description="X-Robots-Tag directives that opt an image out (img2dataset's defaults).",
+    )
+
+
+class BasicFilterConfig(_Strict):
+    """Per-sample filters on img2dataset's metadata, then exact de-duplication by content hash."""
+
+    min_side: int = Field(64, ge=1, description="Minimum of the original width and height, in pixels.")
+    max_aspect_ratio: float = Field(3.0, ge=1.0, description="Maximum of long side / short side.")
+    min_caption_chars: int = Field(1, ge=1, description="Captions shorter than this (after stripping) are dropped.")
+    max_caption_chars: int = Field(512, ge=1)
+    dedup_buckets: int = Field(
+        64, ge=1, le=65536, description="Hash buckets for the exact-duplicate pass; memory per bucket is rows/buckets."
+    )
+
+    @model_validator(mode="after")
+    def _caption_range(self) -> "BasicFilterConfig":
+        if self.max_caption_chars < self.min_caption_chars:
+            raise ValueError("max_caption_chars must be >= min_caption_chars")
+        return self
+
+
+class ClipModelConfig(_Strict):
+    """Which open_clip model embeds: an architecture name plus exactly one weight source."""
+
+    arch: str = Field(description="An open_clip architecture name, including the project's registered ones.")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag (needs a reachable hub).")
+    checkpoint: str | None = Field(None, description="Path or URI of a local open_clip checkpoint.")
+    seed: int | None = Field(None, description="Seeded random initialisation (no weights).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ClipModelConfig":
+        given = [k for k in ("pretrained", "checkpoint", "seed") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of pretrained, checkpoint, seed (got {given or 'none'})")
+        return self
+
+    @property
+    def weights(self) -> str:
+        if self.pretrained is not None:
+            return f"pretrained:{self.pretrained}"
+        if self.checkpoint is not None:
+            return f"checkpoint:{self.checkpoint}"
+        return f"random-init:seed={self.seed}"
+
+
+class EmbedConfig(_Strict):
+    model: ClipModelConfig
+    batch_size: int = Field(256, ge=1)
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding images.")
+    dtype: Literal["float16", "float32"] = Field("float16", description="Storage type of the embedding columns.")
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu' or 'cuda[:N]'.")
+    shards_per_task: int = Field(64, ge=1, description="Shards embedded by one Prefect task run.")
+
+
+class NearDupConfig(_Strict):
+    threshold: float = Field(0.96, gt=0.0, le=1.0, description="Cosine similarity at or above which a later image "
+                             "is a near duplicate of an earlier one.")
+    cluster_size: int = Field(
+        100_000, ge=2, description="Target rows per k-means cell; pairs are searched within a cell, so memory and "
+        "time grow with this, not with the dataset."
+    )
+
+
+class SemanticFilterConfig(_Strict):
+    min_clip_score: float | None = Field(
+        0.2, ge=-1.0, le=1.0, description="Drop pairs whose image-text cosine is below this; null disables."
+    )
+    near_dup: NearDupConfig | None = NearDupConfig()
+
+
+class PcaConfig(_Strict):
+    """The AR prior's target representation (paper: 319 of 1024 dims, 1024 buckets each)."""
+
+    n_components: int = Field(319, ge=1)
+    n_buckets: int = Field(1024, ge=2, le=65536)
+    dot_buckets: int = Field(1024, ge=2, le=65536, description="Buckets of the text-image dot-product token.")
+    max_rows: int = Field(1_000_000, ge=2, description="At most this many rows (sampled uniformly) are fitted.")
+    batch_rows: int = Field(65_536, ge=1, description="Rows per streaming batch; bounds memory with the dimension.")
+    seed: int = 0
+
+
+class OrchestrationConfig(_Strict):
+    shards_per_task: int = Field(
+        256, ge=1, description="Shards handled by one Prefect task run in the filter stages (bounds task-run count)."
+    )
+    max_parallel_tasks: int = Field(2, ge=1, description="Task runs in flight at once in the shard stages.")
+
+
+class RunConfig(_Strict):
+    """Everything a data run needs, apart from its working directory."""
+
+    name: str = "unclip"
+    sources: tuple[SourceConfig, ...] = Field(min_length=1)
+    ingest: IngestConfig = IngestConfig()
+    basic_filter: BasicFilterConfig = BasicFilterConfig()
+    embed: EmbedConfig
+    semantic_filter: SemanticFilterConfig = SemanticFilterConfig()
+    pca: PcaConfig = PcaConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> "RunConfig":
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"source names must be unique, repeated: {dup}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending field(s)."""
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration in {origin}:"]
+    for e in err.errors():
+        loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]).replace(".[", "[")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, origin: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None, variables: dict[str, str] | None = None
+                ) -> RunConfig:
+    """Load a YAML run configuration, optionally deep-merging ``overrides`` on top.
+
+    ``variables`` are substituted into string values written as ``${name}`` (the CLI passes
+    ``workdir``, so a config can place its URL lists inside the working directory).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of fields")
+    if overrides:
+        data = deep_merge(data, overrides)
+    if variables:
+        data = _substitute(data, variables)
+    return parse_config(data, str(path))
+
+
+def _substitute(obj, variables: dict[str, str]):
+    if isinstance(obj, str):
+        for k, v in variables.items():
+            obj = obj.replace("${" + k + "}", v)
+        return obj
+    if isinstance(obj, dict):
+        return {k: _substitute(v, variables) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_substitute(v, variables) for v in obj]
+    return obj
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def stages_until(until: str | None) -> tuple[str, ...]:
+    if until is None:
+        return STAGES
+    if until not in STAGES:
+        raise ConfigError(f"--until: unknown stage {until!r}; choose one of {', '.join(STAGES)}")
+    return STAGES[: STAGES.index(until) + 1]
+

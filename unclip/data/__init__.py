@@ -1,0 +1,1 @@
+"""The data stages' pure code (no Prefect): inputs, download, filters, CLIP embedding, PCA."""

@@ -1,0 +1,205 @@
+"""CLIP embeddings of the shards (stage 4) with open_clip.
+
+The model is chosen by config: an open_clip architecture (the project registers its own, see
+``unclip.models.clip_configs``) plus one weight source: an open_clip pretrained tag, a local
+checkpoint, or a seeded random initialisation (the demo's default until the CLIP training stage
+exists). ``create_model_and_transforms`` supplies the matching preprocessing; nothing here hard-codes
+CLIP's mean and std.
+
+The data path is a webdataset pipeline of named stages, in the style of open_clip's training data:
+shard list -> split by worker -> open through fsspec -> tar to samples -> keep the basic filter's
+survivors -> decode (a bad sample is logged and skipped) -> preprocess and tokenize -> batch. Decoding
+runs in DataLoader worker processes; the model runs in inference mode on the main process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from unclip import storage
+from unclip.config import ClipModelConfig, EmbedConfig
+from unclip.models import CLIP_CONFIG_DIR
+
+log = logging.getLogger(__name__)
+
+EMBED_DIM = 1024
+
+
+def register_project_configs() -> None:
+    import open_clip
+
+    if "unclip-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(CLIP_CONFIG_DIR)
+
+
+def known_architectures() -> list[str]:
+    import open_clip
+
+    register_project_configs()
+    return open_clip.list_models()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _local_checkpoint(uri: str) -> str:
+    if storage.is_local(uri):
+        return storage.fs_and_path(uri)[1]
+    import fsspec
+
+    # remote checkpoints are cached on local disk once per machine
+    return fsspec.open_local(f"filecache::{uri}", filecache={"cache_storage": os.path.expanduser("~/.cache/unclip")})
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(model_json: str, device: str):
+    import open_clip
+
+    cfg = ClipModelConfig.model_validate_json(model_json)
+    register_project_configs()
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+        pretrained = None
+    elif cfg.checkpoint is not None:
+        pretrained = _local_checkpoint(cfg.checkpoint)
+    else:
+        pretrained = cfg.pretrained
+    logging.getLogger("root").setLevel(logging.ERROR)  # open_clip warns on every random init
+    model, _, preprocess = open_clip.create_model_and_transforms(cfg.arch, pretrained=pretrained, device=device)
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(cfg.arch)
+
+
+def load_clip(cfg: ClipModelConfig, device: torch.device | str = "cpu"):
+    """(model in eval mode, preprocess, tokenizer), cached per process."""
+    return _load_cached(cfg.model_dump_json(), str(device))
+
+
+def _fsspec_open(src: Iterator[dict]) -> Iterator[dict]:
+    """webdataset's url_opener, through fsspec so that s3:// shards read like local ones."""
+    for sample in src:
+        fs, p = storage.fs_and_path(sample["url"])
+        with fs.open(p, "rb") as stream:
+            sample["stream"] = stream
+            yield sample
+
+
+def _skip_and_log(exn: Exception) -> bool:
+    log.warning("skipping a sample that failed to load: %r", exn)
+    return True
+
+
+def _is_image_member(fname: str) -> bool:
+    # the caption comes from the basic filter's table; the tar's .txt/.json members are not read
+    return fname.endswith((".jpg", ".png", ".webp"))
+
+
+def _tar_samples(streams: Iterator[dict]) -> Iterator[dict]:
+    files = tar_file_expander(streams, handler=_skip_and_log, select_files=_is_image_member)
+    return group_by_keys(files, handler=_skip_and_log)
+
+
+class EmbeddingInputs:
+    """Callable stages of the pipeline, kept picklable for DataLoader workers."""
+
+    def __init__(self, keep: dict[str, dict[str, str]], preprocess, tokenizer) -> None:
+        self.keep = keep  # tar url -> {key: caption}
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+
+    def wanted(self, sample: dict) -> bool:
+        return sample["__key__"] in self.keep[sample["__url__"]]
+
+    def to_tensors(self, sample: dict) -> dict:
+        caption = self.keep[sample["__url__"]][sample["__key__"]]
+        image = sample.get("jpg") or sample.get("png") or sample.get("webp")
+        return {
+            "__url__": sample["__url__"],
+            "__key__": sample["__key__"],
+            "image": self.preprocess(image),
+            "text": self.tokenizer([caption])[0],
+        }
+
+
+def embedding_pipeline(keep: dict[str, dict[str, str]], preprocess, tokenizer, batch_size: int) -> wds.DataPipeline:
+    stages = EmbeddingInputs(keep, preprocess, tokenizer)
+    return wds.DataPipeline(
+        wds.SimpleShardList(sorted(keep)),
+        wds.split_by_worker,
+        _fsspec_open,
+        _tar_samples,
+        wds.select(stages.wanted),
+        wds.decode("pilrgb", handler=_skip_and_log),
+        wds.map(stages.to_tensors, handler=_skip_and_log),
+        wds.batched(batch_size, collation_fn=_collate, partial=True),
+    )
+
+
+def _collate(samples: list[dict]) -> dict:
+    return {
+        "__url__": [s["__url__"] for s in samples],
+        "__key__": [s["__key__"] for s in samples],
+        "image": torch.stack([s["image"] for s in samples]),
+        "text": torch.stack([s["text"] for s in samples]),
+    }
+
+
+def make_loader(keep: dict[str, dict[str, str]], preprocess, tokenizer, cfg: EmbedConfig) -> wds.WebLoader:
+    pipeline = embedding_pipeline(keep, preprocess, tokenizer, cfg.batch_size)
+    workers = min(cfg.num_workers, len(keep))
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers,
+                         persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+@torch.inference_mode()
+def encode_batch(model, images: torch.Tensor, texts: torch.Tensor, device: torch.device
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """L2-normalised image and text embeddings [B, D] (float32) and their cosine [B]."""
+    images = images.to(device, non_blocking=True)
+    texts = texts.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        img = model.encode_image(images, normalize=True)
+        txt = model.encode_text(texts, normalize=True)
+    img, txt = img.float(), txt.float()
+    score = (img * txt).sum(-1)
+    return img.cpu().numpy(), txt.cpu().numpy(), score.cpu().numpy()
+
+
+def embedding_schema(dtype: str) -> pa.Schema:
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema(
+        [
+            pa.field("key", pa.string()),
+            pa.field("uid", pa.string()),
+            pa.field("source", pa.string()),
+            pa.field("caption", pa.string()),
+            pa.field("url", pa.string()),
+            pa.field("image_emb", pa.list_(value, EMBED_DIM)),
+            pa.field("text_emb", pa.list_(value, EMBED_DIM)),
+            pa.field("clip_score", pa.float32()),
+        ]
+    )
+
+
+def fixed_size_list(x: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
+    x = np.ascontiguousarray(x, dtype=np.float16 if dtype == "float16" else np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+
+
+def to_numpy(col: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
+    """A fixed_size_list column as a [rows, dim] array without a Python loop."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    dim = arr.type.list_size
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(dtype, copy=False)

@@ -1,0 +1,82 @@
+"""One img2dataset call over one input partition, run in its own process.
+
+The ingest task starts ``python -m unclip.data.download SPEC.json`` rather than calling
+``img2dataset.download`` in-process, because img2dataset installs a SIGINT handler (main thread
+only, while Prefect runs tasks in worker threads), prints to stdout from its own logger process, and
+starts its workers with ``spawn``: the egress policy reaches those workers through the environment
+this process is started with (see ``unclip.data.egress.worker_env``). The child also asks the kernel
+to kill it when its parent dies, so a killed run leaves no orphan writing into the shard folder
+while the resumed run works there.
+
+img2dataset's own ``incremental`` mode makes the call resumable: shards whose ``_stats.json``
+exists are skipped, unfinished ones are downloaded again from scratch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the orphan finishes its partition, which is harmless but slower
+        pass
+
+
+def run(spec: dict) -> None:
+    import img2dataset
+
+    ingest = spec["ingest"]
+    img2dataset.download(
+        url_list=spec["partition_uri"],
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        save_additional_columns=["uid", *spec["extra_cols"]],
+        output_format="webdataset",
+        output_folder=spec["output_folder"],
+        processes_count=ingest["processes"],
+        thread_count=ingest["threads"],
+        distributor=ingest["distributor"],
+        image_size=ingest["image_size"],
+        resize_mode=ingest["resize_mode"],
+        encode_format=ingest["encode_format"],
+        encode_quality=ingest["encode_quality"],
+        number_sample_per_shard=ingest["samples_per_shard"],
+        oom_shard_count=5,
+        timeout=ingest["timeout_s"],
+        retries=ingest["retries"],
+        compute_hash="sha256",
+        extract_exif=False,
+        enable_wandb=False,
+        incremental_mode="incremental",
+        max_shard_retry=2,
+        user_agent_token=ingest["user_agent_token"],
+        # img2dataset treats [] as "no opt-out check"; the config's empty tuple means the same.
+        disallowed_header_directives=list(ingest["disallowed_header_directives"]),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m unclip.data.download SPEC.json", file=sys.stderr)
+        return 2
+    _die_with_parent()
+    with open(argv[0]) as f:
+        spec = json.load(f)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    run(spec)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

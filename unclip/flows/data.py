@@ -1,0 +1,274 @@
+"""The data half of the unCLIP pipeline as Prefect flows (MISSION "The pipeline", stages 1, 2, 4, 5).
+
+``data_pipeline`` runs the stage subflows in order: ingest -> basic_filter -> embed ->
+semantic_filter -> pca. Each subflow reads its inputs from the workdir's manifest, runs tasks over
+batches of shards (so a 65,000-shard run makes hundreds of task runs, not tens of thousands), checks
+that its rows are all accounted for (rows in = rows kept + rows dropped), records its lineage in the
+manifest and publishes its counts, progress and lineage as Prefect artifacts. Flows pass URIs and
+small summaries; the data stays in Parquet and tar files.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+from prefect import flow, get_run_logger
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from unclip import manifest, storage
+from unclip.config import STAGES, RunConfig, stages_until
+from unclip.tasks import embed as embed_tasks
+from unclip.tasks import filter as filter_tasks
+from unclip.tasks import ingest as ingest_tasks
+from unclip.tasks import pca as pca_tasks
+from unclip.tasks import semantic as semantic_tasks
+from unclip.tasks.common import Progress, batched, count_reasons, publish_counts, publish_markdown
+
+
+class AccountingError(RuntimeError):
+    """A stage's rows in differ from its rows kept plus rows dropped: a row was lost or doubled."""
+
+
+def _runner(config: RunConfig) -> ThreadPoolTaskRunner:
+    return ThreadPoolTaskRunner(max_workers=config.orchestration.max_parallel_tasks)
+
+
+def _check_accounting(stage: str, rows_in: int, kept: int, reasons: dict[str, int]) -> None:
+    dropped = sum(reasons.values())
+    if rows_in != kept + dropped:
+        raise AccountingError(f"{stage}: {rows_in} rows in but {kept} kept + {dropped} dropped")
+
+
+def _read_index(uri: str) -> list[dict]:
+    return storage.read_parquet(uri).to_pylist()
+
+
+def _versioned_shards(index: pa.Table, workdir: str) -> str:
+    """Dataset version of a per-shard result index: shards with kept rows, with their tar checksum
+    and the digest of their kept keys."""
+    ingest_index = storage.read_parquet(manifest.stage(workdir, "ingest")["outputs"]["shard_index"],
+                                        columns=["shard", "tar_sha256"])
+    sha = dict(zip(ingest_index.column("shard").to_pylist(), ingest_index.column("tar_sha256").to_pylist()))
+    kept = index.filter(pc.greater(index.column("rows"), 0))
+    digests = [f"{sha[s]}:{d}" for s, d in zip(kept.column("shard").to_pylist(), kept.column("digest").to_pylist())]
+    return manifest.dataset_version(pa.table({"shard": kept.column("shard"), "digest": digests}))
+
+
+def _finish_stage(workdir: str, config: RunConfig, stage: str, record: dict[str, Any]) -> dict:
+    """Check the accounting, write the manifest record, publish the counts and the lineage."""
+    _check_accounting(stage, record["rows_in"], record["rows_kept"], record["drops_by_reason"])
+    record = {"stage": stage, "accounted": True, **record}
+    manifest.record_stage(workdir, stage, record, run_config=config.model_dump(mode="json"))
+    publish_counts(stage, record["rows_in"], record["rows_kept"], record["drops_by_reason"])
+    lines = [f"# {stage}", "", f"- dataset version: `{record.get('dataset_version')}`",
+             f"- code version: `{manifest.code_version()}`", f"- rows in: {record['rows_in']:,}",
+             f"- rows kept: {record['rows_kept']:,}", f"- workdir: `{workdir}`", "", "## outputs", ""]
+    lines += [f"- {k}: `{v}`" for k, v in record.get("outputs", {}).items()]
+    if record.get("metrics"):
+        lines += ["", "## metrics", ""] + [f"- {k}: {v}" for k, v in record["metrics"].items()]
+    lines += ["", "## configuration", "", "```yaml", yaml.safe_dump(record.get("config", {}), sort_keys=False).strip(),
+              "```"]
+    publish_markdown(stage, "lineage", "\n".join(lines), f"{stage}: lineage and outputs")
+    return record
+
+
+def _work_dir(workdir: str, stage: str) -> str:
+    # run-scoped scratch space: a stale file from an earlier, different run can never be read
+    return storage.join(workdir, stage, "work", uuid.uuid4().hex[:12])
+
+
+def _run_batches(task, batches: list, *args, **kwargs) -> list:
+    futures = [task.submit(i, b, *args, **kwargs) for i, b in enumerate(batches)]
+    wait(futures)
+    return [f.result() for f in futures]
+
+
+def _concat_results(uris: list[str], schema: pa.Schema) -> pa.Table:
+    tables = [storage.read_parquet(u) for u in uris]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+# --------------------------------------------------------------------------------------------------
+@flow(name="ingest", flow_run_name=lambda: "ingest")
+def ingest_flow(config: RunConfig, workdir: str) -> dict:
+    """Partition each source's URL lists and download new partitions with img2dataset."""
+    log = get_run_logger()
+    sources = {s.name: s for s in config.sources}
+    ranks = {s.name: i for i, s in enumerate(config.sources)}
+    futures = [ingest_tasks.partition_source.submit(s, workdir, config.ingest) for s in config.sources]
+    wait(futures)
+    per_source = [f.result() for f in futures]
+    files = [f for r in per_source for f in r["files"]]
+    parts = [p for r in per_source for p in r["partitions"]]
+    todo = [p for p in parts if not ingest_tasks.partition_is_done(workdir, p)]
+    log.info("%d input files, %d partitions, %d to download", len(files), len(parts), len(todo))
+    shards_todo = sum(math.ceil(p["rows"] / config.ingest.samples_per_shard) for p in todo)
+    done = []
+    with Progress("ingest", shards_todo, "ingest: downloading shards") as prog:
+        # img2dataset parallelises inside a partition (processes x threads); partitions go one by one
+        for p in parts:
+            done.append(ingest_tasks.download_partition(p, workdir, config.ingest, sources[p["source"]].extra_cols,
+                                                        progress=prog))
+    index_uri = ingest_tasks.write_shard_index(workdir, done, ranks)
+    index = storage.read_parquet(index_uri)
+    drop_files = [f["precheck_drops"] for f in files] + [storage.read_json(u)["download_drops"] for u in done]
+    reasons = count_reasons(drop_files)
+    kept = int(pc.sum(index.column("ok")).as_py() or 0)
+    with_rows = index.filter(pc.greater(index.column("ok"), 0))
+    version = manifest.dataset_version(pa.table({"shard": with_rows.column("shard"),
+                                                 "digest": with_rows.column("tar_sha256")}))
+    return _finish_stage(workdir, config, "ingest", {
+        "rows_in": sum(f["rows"] for f in files),
+        "rows_kept": kept,
+        "drops_by_reason": reasons,
+        "dataset_version": version,
+        "outputs": {"shard_index": index_uri, "shards": storage.join(workdir, "shards"),
+                    "drops": storage.join(workdir, "drops", "ingest")},
+        "drop_files": drop_files,
+        "metrics": {"input_files": len(files), "partitions": len(parts), "partitions_downloaded": len(todo),
+                    "shards": index.num_rows},
+        "config": {"sources": [s.model_dump(mode="json") for s in config.sources],
+                   "ingest": config.ingest.model_dump(mode="json")},
+    })
+
+
+@flow(name="basic_filter", flow_run_name=lambda: "basic-filter")
+def basic_filter_flow(config: RunConfig, workdir: str) -> dict:
+    """Per-sample checks, then exact de-duplication by content hash across all shards."""
+    cfg = config.basic_filter
+    ingested = manifest.stage(workdir, "ingest")
+    shards = _read_index(ingested["outputs"]["shard_index"])
+    work = _work_dir(workdir, "basic_filter")
+    batches = list(batched(shards, config.orchestration.shards_per_task))
+    with Progress("basic-filter", len(shards), "basic filter: checking shards") as prog:
+        _run_batches(filter_tasks.check_batch, batches, work, cfg, progress=prog)
+    groups = max(1, math.ceil(cfg.dedup_buckets / max(1, config.orchestration.max_parallel_tasks * 4)))
+    dedup = [filter_tasks.dedup_buckets.submit(lo, min(lo + groups, cfg.dedup_buckets), work)
+             for lo in range(0, cfg.dedup_buckets, groups)]
+    wait(dedup)
+    n_dups = sum(f.result() for f in dedup)
+    result_uris = _run_batches(filter_tasks.finalize_batch, batches, work, workdir)
+    index = _concat_results(result_uris, filter_tasks.SHARD_RESULT_SCHEMA)
+    index_uri = storage.write_parquet(storage.join(workdir, "basic_filter", "shards.parquet"), index)
+    storage.remove(work, recursive=True)
+    return _finish_stage(workdir, config, "basic_filter", {
+        "rows_in": ingested["rows_kept"],
+        "rows_kept": int(pc.sum(index.column("rows")).as_py() or 0),
+        "drops_by_reason": count_reasons(index.column("drops").to_pylist()),
+        "dataset_version": _versioned_shards(index, workdir),
+        "outputs": {"shard_index": index_uri, "kept": storage.join(workdir, "basic_filter", "kept"),
+                    "drops": storage.join(workdir, "drops", "basic_filter")},
+        "metrics": {"exact_duplicates": n_dups, "shards": index.num_rows},
+        "config": {"basic_filter": cfg.model_dump(mode="json")},
+    })
+
+
+@flow(name="embed", flow_run_name=lambda: "embed")
+def embed_flow(config: RunConfig, workdir: str) -> dict:
+    """open_clip image and text embeddings of every row the basic filter kept, one Parquet per shard."""
+    cfg = config.embed
+    filtered = manifest.stage(workdir, "basic_filter")
+    shards = _read_index(filtered["outputs"]["shard_index"])
+    batches = list(batched(shards, cfg.shards_per_task))
+    result_uris = []
+    with Progress("embed", len(shards), "embed: shards") as prog:
+        # one batch at a time: the model takes the whole machine (or its GPU)
+        for i, b in enumerate(batches):
+            result_uris.append(embed_tasks.embed_batch(i, b, workdir, cfg, progress=prog))
+    index = _concat_results(result_uris, embed_tasks.EMBED_RESULT_SCHEMA)
+    index_uri = storage.write_parquet(storage.join(workdir, "embed", "shards.parquet"), index)
+    storage.remove(storage.join(workdir, "embed", "work"), recursive=True)
+    rows = int(pc.sum(index.column("rows")).as_py() or 0)
+    return _finish_stage(workdir, config, "embed", {
+        "rows_in": filtered["rows_kept"],
+        "rows_kept": rows,
+        "drops_by_reason": {},
+        "dataset_version": _versioned_shards(index, workdir),
+        "outputs": {"shard_index": index_uri, "embeddings": storage.join(workdir, "embed", "candidates")},
+        "metrics": {"model": cfg.model.arch, "weights": cfg.model.weights, "dtype": cfg.dtype,
+                    "random_init": cfg.model.seed is not None},
+        "config": {"embed": cfg.model_dump(mode="json")},
+    })
+
+
+@flow(name="semantic_filter", flow_run_name=lambda: "semantic-filter")
+def semantic_filter_flow(config: RunConfig, workdir: str) -> dict:
+    """CLIP-score threshold and near-duplicate removal (faiss); writes the final embeddings Parquet."""
+    cfg = config.semantic_filter
+    embedded = manifest.stage(workdir, "embed")
+    shards = _read_index(embedded["outputs"]["shard_index"])
+    work = _work_dir(workdir, "semantic_filter")
+    batches = list(batched(shards, config.orchestration.shards_per_task))
+    cells = semantic_tasks.n_cells(embedded["rows_kept"], cfg)
+    centroids = semantic_tasks.train_centroids([s["embeddings"] for s in shards if s["rows"]], cells, work)
+    with Progress("semantic-filter", len(shards), "semantic filter: shards") as prog:
+        survivors = sum(_run_batches(semantic_tasks.score_and_assign, batches, work, cfg, centroids, progress=prog))
+    n_near = 0
+    if cfg.near_dup is not None and survivors:
+        groups = sorted(int(p.rsplit("=", 1)[1]) for p in storage.listdir(storage.join(work, "cells")))
+        futs = [semantic_tasks.near_dedup_group.submit(g, work, cfg.near_dup.threshold) for g in groups]
+        wait(futs)
+        n_near = sum(f.result() for f in futs)
+    result_uris = _run_batches(semantic_tasks.finalize_batch, batches, work, workdir)
+    index = _concat_results(result_uris, filter_tasks.SHARD_RESULT_SCHEMA)
+    index_uri = storage.write_parquet(storage.join(workdir, "embeddings", "shards.parquet"), index)
+    storage.remove(work, recursive=True)
+    return _finish_stage(workdir, config, "semantic_filter", {
+        "rows_in": embedded["rows_kept"],
+        "rows_kept": int(pc.sum(index.column("rows")).as_py() or 0),
+        "drops_by_reason": count_reasons(index.column("drops").to_pylist()),
+        "dataset_version": _versioned_shards(index, workdir),
+        "outputs": {"shard_index": index_uri, "embeddings": storage.join(workdir, "embeddings"),
+                    "drops": storage.join(workdir, "drops", "semantic_filter")},
+        "metrics": {"near_duplicates": n_near, "cells": cells,
+                    "clip_random_init": config.embed.model.seed is not None},
+        "config": {"semantic_filter": cfg.model_dump(mode="json")},
+    })
+
+
+@flow(name="pca", flow_run_name=lambda: "pca")
+def pca_flow(config: RunConfig, workdir: str) -> dict:
+    """Fit the AR prior's PCA (319 of 1024) and 1024-bucket quantiser out-of-core; save it versioned."""
+    final = manifest.stage(workdir, "semantic_filter")
+    shards = _read_index(final["outputs"]["shard_index"])
+    files = [(s["kept"], s["rows"]) for s in shards if s["rows"]]
+    fitted = pca_tasks.fit_pca(files, workdir, config.pca)
+    pca_tasks.publish_pca(fitted)
+    return _finish_stage(workdir, config, "pca", {
+        "rows_in": final["rows_kept"],
+        "rows_kept": final["rows_kept"],
+        "drops_by_reason": {},
+        "dataset_version": final["dataset_version"],
+        "outputs": {"pca": fitted["uri"], "report": fitted["report_uri"], "plot": fitted["plot_uri"]},
+        "pca_version": fitted["version"],
+        "metrics": fitted["report"],
+        "config": {"pca": config.pca.model_dump(mode="json")},
+    })
+
+
+SUBFLOWS: dict[str, Callable[..., dict]] = {
+    "ingest": ingest_flow,
+    "basic_filter": basic_filter_flow,
+    "embed": embed_flow,
+    "semantic_filter": semantic_filter_flow,
+    "pca": pca_flow,
+}
+assert tuple(SUBFLOWS) == STAGES
+
+
+@flow(name="data_pipeline", flow_run_name=lambda: "data-pipeline")
+def data_pipeline(config: RunConfig, workdir: str, until: str = "pca") -> dict:
+    """Run the data stages in order, each as a subflow; stop after ``until``. Returns per-stage records."""
+    workdir = storage.absolute(workdir)
+    storage.makedirs(workdir)
+    records = {}
+    for stage in stages_until(until):
+        sub = SUBFLOWS[stage].with_options(task_runner=_runner(config))
+        records[stage] = sub(config=config, workdir=workdir)
+    return records

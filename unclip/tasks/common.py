@@ -1,0 +1,112 @@
+"""What every stage shares: progress (a terminal bar and a Prefect progress artifact), the counts
+table artifact, drop counting, and batching of shard lists into task-sized pieces."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from typing import Iterable, Iterator, Sequence, TypeVar
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+from prefect import get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.context import FlowRunContext, TaskRunContext
+from tqdm.auto import tqdm
+
+from unclip import storage
+
+T = TypeVar("T")
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    key = "-".join(parts).lower()
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", key)).strip("-")
+
+
+def in_prefect_run() -> bool:
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class Progress:
+    """A stage's progress, shown both as a tqdm bar on the terminal and as a Prefect progress
+    artifact in the UI. Thread-safe: shard tasks report from the task runner's threads."""
+
+    def __init__(self, key: str, total: int, desc: str, unit: str = "shard") -> None:
+        self.total = max(total, 1)
+        self.done = 0
+        self._lock = threading.Lock()
+        self._bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+        self._artifact = None
+        self._last_pct = -1.0
+        self._desc = desc
+        if in_prefect_run():
+            self._artifact = create_progress_artifact(0.0, key=artifact_key(key, "progress"), description=desc)
+
+    def advance(self, n: int = 1) -> None:
+        with self._lock:
+            self.done += n
+            self._bar.update(n)
+            pct = 100.0 * min(self.done, self.total) / self.total
+            # one API call per percent at most: a 65,000-shard stage must not flood the server
+            if self._artifact is not None and (pct - self._last_pct >= 1.0 or self.done >= self.total):
+                self._last_pct = pct
+                with contextlib.suppress(Exception):
+                    update_progress_artifact(self._artifact, pct, description=f"{self._desc}: {self.done}/{self.total}")
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def count_reasons(uris: Iterable[str]) -> dict[str, int]:
+    """Drops per reason over drop Parquet files, aggregated by Arrow without loading the rows."""
+    uris = [u for u in uris]
+    if not uris:
+        return {}
+    fs, _ = storage.fs_and_path(uris[0])
+    paths = [storage.fs_and_path(u)[1] for u in uris]
+    table = ds.dataset(paths, format="parquet", filesystem=fs).to_table(columns=["reason"])
+    if table.num_rows == 0:
+        return {}
+    agg = table.group_by("reason").aggregate([("reason", "count")])
+    return dict(sorted(zip(agg.column("reason").to_pylist(), agg.column("reason_count").to_pylist())))
+
+
+def publish_counts(stage: str, rows_in: int, rows_kept: int, reasons: dict[str, int], extra: dict | None = None) -> None:
+    """The stage's counts as a Prefect table artifact (rows in, kept, drops by reason) and a log line."""
+    table = [{"what": "rows in", "rows": rows_in}, {"what": "rows kept", "rows": rows_kept}]
+    table += [{"what": f"dropped: {r}", "rows": n} for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
+    for k, v in (extra or {}).items():
+        table.append({"what": k, "rows": v})
+    if in_prefect_run():
+        create_table_artifact(table, key=artifact_key(stage, "counts"),
+                              description=f"{stage}: rows in, rows kept and drops by reason")
+        get_run_logger().info("%s: %d in, %d kept, %d dropped %s", stage, rows_in, rows_kept,
+                              sum(reasons.values()), reasons)
+
+
+def publish_markdown(stage: str, name: str, markdown: str, description: str) -> None:
+    if in_prefect_run():
+        create_markdown_artifact(markdown, key=artifact_key(stage, name), description=description)
+
+
+def concat_or_empty(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    return pa.concat_tables(tables) if tables else schema.empty_table()

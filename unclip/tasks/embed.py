@@ -1,0 +1,126 @@
+"""Embed tasks: open_clip image and text embeddings for every row the basic filter kept.
+
+One task embeds a batch of shards: one model load, one DataLoader over the batch's tars (decoding in
+worker processes), batches that may span shards, and one Parquet file per shard written as soon as
+all of its rows are in. A shard whose output already holds the same kept rows (same digest in the
+file's metadata) is skipped, so re-runs and resumed runs embed only what changed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from unclip import storage
+from unclip.config import EmbedConfig
+from unclip.data import clip
+from unclip.tasks.common import Progress, in_prefect_run
+from unclip.tasks.filter import shard_file
+
+DIGEST_KEY = b"unclip.kept_digest"
+
+EMBED_RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string()),
+        pa.field("source_rank", pa.int32()),
+        pa.field("shard", pa.string()),
+        pa.field("tar", pa.string()),
+        pa.field("rows", pa.int64()),
+        pa.field("digest", pa.string()),
+        pa.field("embeddings", pa.string()),
+    ]
+)
+
+
+def output_digest(uri: str) -> str | None:
+    if not storage.exists(uri):
+        return None
+    fs, p = storage.fs_and_path(uri)
+    with fs.open(p, "rb") as f:
+        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    value = meta.get(DIGEST_KEY)
+    return value.decode() if value else None
+
+
+def _write_shard(uri: str, kept: pa.Table, parts: dict[str, list], dtype: str, digest: str) -> None:
+    order = np.argsort(np.asarray(parts["key"]))
+    img = np.concatenate(parts["img"])[order] if parts["img"] else np.zeros((0, clip.EMBED_DIM), np.float32)
+    txt = np.concatenate(parts["txt"])[order] if parts["txt"] else np.zeros((0, clip.EMBED_DIM), np.float32)
+    score = np.concatenate(parts["score"])[order] if parts["score"] else np.zeros(0, np.float32)
+    keys = [parts["key"][i] for i in order]
+    kept = kept.sort_by("key")
+    if kept.column("key").to_pylist() != keys:
+        raise RuntimeError(f"{uri}: embedded keys differ from the kept rows (a tar member failed to decode?)")
+    schema = clip.embedding_schema(dtype).with_metadata({DIGEST_KEY: digest.encode()})
+    table = pa.table(
+        {
+            "key": kept.column("key"),
+            "uid": kept.column("uid"),
+            "source": kept.column("source"),
+            "caption": kept.column("caption"),
+            "url": kept.column("url"),
+            "image_emb": clip.fixed_size_list(img, dtype),
+            "text_emb": clip.fixed_size_list(txt, dtype),
+            "clip_score": pa.array(score.astype(np.float32)),
+        },
+        schema=schema,
+    )
+    storage.write_parquet(uri, table, row_group_size=4096)
+
+
+@task(name="embed-shards", task_run_name="embed: batch {batch}", cache_policy=NO_CACHE,
+      retries=1, retry_delay_seconds=5)
+def embed_batch(batch: int, shards: list[dict], workdir: str, cfg: EmbedConfig,
+                progress: Progress | None = None) -> str:
+    """Embed a batch of shards (rows of the basic filter's result index); returns a result file."""
+    device = clip.resolve_device(cfg.device)
+    todo, out_rows = {}, []
+    for s in shards:
+        uri = shard_file(workdir, "embed/candidates", s["shard"])
+        out_rows.append({"source": s["source"], "source_rank": s["source_rank"], "shard": s["shard"],
+                         "tar": s["tar"], "rows": s["rows"], "digest": s["digest"], "embeddings": uri})
+        if output_digest(uri) == s["digest"]:
+            if progress:
+                progress.advance()
+            continue
+        todo[s["tar"]] = (s, uri, storage.read_parquet(s["kept"]))
+    if todo:
+        model, preprocess, tokenizer = clip.load_clip(cfg.model, device)
+        keep = {tar: dict(zip(k.column("key").to_pylist(), k.column("caption").to_pylist()))
+                for tar, (_, _, k) in todo.items()}
+        parts = {tar: {"key": [], "img": [], "txt": [], "score": []} for tar in todo}
+        remaining = {tar: len(v) for tar, v in keep.items()}
+        for tar in [t for t, n in remaining.items() if n == 0]:
+            s, uri, kept = todo[tar]
+            _write_shard(uri, kept, parts[tar], cfg.dtype, s["digest"])
+            if progress:
+                progress.advance()
+        for b in clip.make_loader({t: v for t, v in keep.items() if v}, preprocess, tokenizer, cfg):
+            img, txt, score = clip.encode_batch(model, b["image"], b["text"], device)
+            urls = np.asarray(b["__url__"])
+            for tar in dict.fromkeys(b["__url__"]):
+                sel = np.flatnonzero(urls == tar)
+                p = parts[tar]
+                p["key"] += [b["__key__"][i] for i in sel]
+                p["img"].append(img[sel])
+                p["txt"].append(txt[sel])
+                p["score"].append(score[sel])
+                remaining[tar] -= len(sel)
+                if remaining[tar] == 0:
+                    s, uri, kept = todo[tar]
+                    _write_shard(uri, kept, p, cfg.dtype, s["digest"])
+                    parts[tar] = None  # free this shard's arrays now
+                    if progress:
+                        progress.advance()
+        unfinished = [t for t, n in remaining.items() if n != 0]
+        if unfinished:
+            raise RuntimeError(f"{len(unfinished)} shards were not fully embedded (missing samples), "
+                               f"first: {unfinished[0]}")
+    if in_prefect_run():
+        get_run_logger().info("batch %d: %d shards embedded, %d already up to date", batch, len(todo),
+                              len(shards) - len(todo))
+    return storage.write_parquet(storage.join(workdir, "embed", "work", "results", f"batch-{batch:06d}.parquet"),
+                                 pa.Table.from_pylist(out_rows, schema=EMBED_RESULT_SCHEMA))

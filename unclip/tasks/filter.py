@@ -1,0 +1,119 @@
+"""Basic-filter tasks: per-shard checks, exact de-duplication in hash buckets, per-shard results.
+
+Map-reduce shaped so that nothing holds the dataset: (1) each task checks a batch of shards and
+writes candidate rows (with a hash bucket) to a run-scoped work folder; (2) each dedup task reads
+one group of buckets across all shards (Arrow pushes the bucket filter down), finds duplicates and
+writes them routed by shard batch; (3) each finalize task writes, per shard, the kept rows and all
+drop records. Tasks return URIs of small batch-result files, never row data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from unclip import drops, storage
+from unclip.config import BasicFilterConfig
+from unclip.data import filters
+from unclip.tasks.common import Progress
+from unclip.tasks.ingest import STATUS_COLUMNS
+
+SHARD_RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string()),
+        pa.field("source_rank", pa.int32()),
+        pa.field("shard", pa.string()),
+        pa.field("tar", pa.string()),
+        pa.field("rows", pa.int64()),  # kept rows
+        pa.field("digest", pa.string()),  # sha256 of the kept keys, newline-joined
+        pa.field("kept", pa.string()),  # Parquet of the kept rows
+        pa.field("drops", pa.string()),  # Parquet of this stage's drops for the shard
+    ]
+)
+
+
+def shard_file(workdir: str, area: str, shard: str, ext: str = ".parquet") -> str:
+    """``<workdir>/<area>/<source>/<partition>/<n>.parquet`` for shard ``shards/<source>/<partition>/<n>``."""
+    rel = shard.split("/", 1)[1] if shard.startswith("shards/") else shard
+    return storage.join(workdir, area, rel + ext)
+
+
+def keys_digest(keys: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
+
+
+def _fs_dataset(uri: str, **kw) -> ds.Dataset:
+    fs, p = storage.fs_and_path(uri)
+    return ds.dataset(p, format="parquet", filesystem=fs, **kw)
+
+
+@task(name="basic-checks", task_run_name="basic checks: batch {batch}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=5)
+def check_batch(batch: int, shards: list[dict], work: str, cfg: BasicFilterConfig,
+                progress: Progress | None = None) -> int:
+    """Per-sample checks on a batch of shards; writes candidates and drops to the work folder."""
+    n = 0
+    for s in shards:
+        status = storage.read_parquet(s["status"], columns=STATUS_COLUMNS)
+        status = status.filter(pc.equal(status.column("status"), "success"))
+        cand, drop = filters.basic_checks(status, cfg, source=s["source"], source_rank=s["source_rank"],
+                                          shard=s["shard"])
+        cand = cand.append_column("batch", pa.array([batch] * cand.num_rows, pa.int32()))
+        storage.write_parquet(shard_file(work, "candidates", s["shard"]), cand)
+        storage.write_parquet(shard_file(work, "check_drops", s["shard"]), drop)
+        n += cand.num_rows
+        if progress:
+            progress.advance()
+    return n
+
+
+@task(name="exact-dedup", task_run_name="exact dedup: buckets {lo}-{hi}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=5)
+def dedup_buckets(lo: int, hi: int, work: str) -> int:
+    """Find exact duplicates among candidates whose bucket is in [lo, hi); route them by shard batch."""
+    cand_dir = storage.join(work, "candidates")
+    if not storage.exists(cand_dir):
+        return 0
+    dset = _fs_dataset(cand_dir)
+    flt = (ds.field("bucket") >= lo) & (ds.field("bucket") < hi)
+    rows = dset.to_table(columns=["uid", "url", "source", "source_rank", "shard", "sha256", "batch"], filter=flt)
+    dups = filters.exact_duplicates(rows.drop_columns(["batch"]))
+    if dups.num_rows == 0:
+        return 0
+    batch_of = dict(zip(rows.column("uid").to_pylist(), rows.column("batch").to_pylist()))
+    batches = pa.array([batch_of[u] for u in dups.column("uid").to_pylist()], pa.int32())
+    for b in sorted(set(batches.to_pylist())):
+        part = dups.filter(pc.equal(batches, b))
+        storage.write_parquet(storage.join(work, "dups", f"batch={b}", f"buckets-{lo:05d}-{hi:05d}.parquet"), part)
+    return dups.num_rows
+
+
+@task(name="basic-finalize", task_run_name="basic filter results: batch {batch}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=5)
+def finalize_batch(batch: int, shards: list[dict], work: str, workdir: str) -> str:
+    """Write each shard's kept rows and drop records; return the batch's result file."""
+    dup_dir = storage.join(work, "dups", f"batch={batch}")
+    dups = (_fs_dataset(dup_dir).to_table() if storage.exists(dup_dir)
+            else filters._with_shard(drops.empty_drop_table(), []))
+    out: dict[str, list] = {f.name: [] for f in SHARD_RESULT_SCHEMA}
+    for s in shards:
+        cand = storage.read_parquet(shard_file(work, "candidates", s["shard"]))
+        mine = dups.filter(pc.equal(dups.column("shard"), s["shard"]))
+        is_dup = pc.is_in(cand.column("uid"), value_set=mine.column("uid"))
+        kept = cand.filter(pc.invert(is_dup)).select(["key", "uid", "url", "caption", "source"]).sort_by("key")
+        drop = pa.concat_tables([storage.read_parquet(shard_file(work, "check_drops", s["shard"])),
+                                 mine.drop_columns(["shard"])])
+        kept_uri = storage.write_parquet(shard_file(workdir, "basic_filter/kept", s["shard"]), kept)
+        drops_uri = storage.write_parquet(shard_file(workdir, "drops/basic_filter", s["shard"]), drop)
+        for k, v in (("source", s["source"]), ("source_rank", s["source_rank"]), ("shard", s["shard"]),
+                     ("tar", s["tar"]), ("rows", kept.num_rows),
+                     ("digest", keys_digest(kept.column("key").to_pylist())), ("kept", kept_uri),
+                     ("drops", drops_uri)):
+            out[k].append(v)
+    return storage.write_parquet(storage.join(work, "results", f"batch-{batch:06d}.parquet"),
+                                 pa.table(out, schema=SHARD_RESULT_SCHEMA))
