@@ -1,0 +1,1 @@
+"""Prefect tasks: small, typed, idempotent units over shards that return where they wrote."""
