@@ -94,8 +94,12 @@ class IngestConfig(_Strict):
 
     url_policy: UrlPolicyConfig = UrlPolicyConfig()
     partition_rows: int = Field(
-        1_000_000, ge=1, description="Rows per input partition; a partition is one img2dataset call and the unit "
-        "of incremental re-runs."
+        1_000_000, ge=1, description="Rows per input partition, the unit of incremental re-runs: a partition "
+        "downloaded once is never downloaded again."
+    )
+    partitions_per_call: int = Field(
+        8, ge=1, description="Partitions downloaded by one img2dataset call (one Prefect task run); a call "
+        "pays several seconds of process start-up."
     )
     samples_per_shard: int = Field(10_000, ge=1, le=1_000_000)
     image_size: int = Field(256, ge=8, le=4096, description="img2dataset resize target (pixels).")

@@ -30,11 +30,13 @@ def check_config(config: RunConfig, stages: tuple[str, ...]) -> None:
     from unclip.data import inputs
 
     if "ingest" in stages:
+        found = []
         for i, source in enumerate(config.sources):
             try:
-                files = inputs.discover(source)
+                found.append(inputs.discover(source))
             except ConfigError as err:
                 raise ConfigError(str(err).replace(f"sources[{source.name}]", f"sources[{i}]")) from None
+        for i, (source, files) in enumerate(zip(config.sources, found)):
             inputs.check_columns(source, i, files)
     if "embed" in stages:
         from unclip.data.clip import known_architectures

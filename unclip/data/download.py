@@ -1,4 +1,4 @@
-"""One img2dataset call over one input partition, run in its own process.
+"""One img2dataset call over a folder of input partitions, run in its own process.
 
 The ingest task starts ``python -m unclip.data.download SPEC.json`` rather than calling
 ``img2dataset.download`` in-process, because img2dataset installs a SIGINT handler (main thread
@@ -35,7 +35,7 @@ def run(spec: dict) -> None:
 
     ingest = spec["ingest"]
     img2dataset.download(
-        url_list=spec["partition_uri"],
+        url_list=spec["url_list"],
         input_format="parquet",
         url_col="url",
         caption_col="caption",

@@ -73,7 +73,10 @@ def check_columns(source: SourceConfig, index: int, files: list[str]) -> None:
     want = {"url_col": source.url_col, "caption_col": source.caption_col}
     want.update({f"extra_cols[{i}]": c for i, c in enumerate(source.extra_cols)})
     for uri in files:
-        names = set(_read_schema_names(uri))
+        try:
+            names = set(_read_schema_names(uri))
+        except (OSError, ValueError, pa.ArrowException) as err:
+            raise ConfigError(f"sources[{index}].url_list: cannot read {uri}: {err}") from None
         for field, col in want.items():
             if col not in names:
                 raise ConfigError(

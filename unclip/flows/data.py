@@ -64,7 +64,7 @@ def _finish_stage(workdir: str, config: RunConfig, stage: str, record: dict[str,
     """Check the accounting, write the manifest record, publish the counts and the lineage."""
     _check_accounting(stage, record["rows_in"], record["rows_kept"], record["drops_by_reason"])
     record = {"stage": stage, "accounted": True, **record}
-    manifest.record_stage(workdir, stage, record, run_config=config.model_dump(mode="json"))
+    record = manifest.record_stage(workdir, stage, record, run_config=config.model_dump(mode="json"))["stages"][stage]
     publish_counts(stage, record["rows_in"], record["rows_kept"], record["drops_by_reason"])
     lines = [f"# {stage}", "", f"- dataset version: `{record.get('dataset_version')}`",
              f"- code version: `{manifest.code_version()}`", f"- rows in: {record['rows_in']:,}",
@@ -109,12 +109,15 @@ def ingest_flow(config: RunConfig, workdir: str) -> dict:
     todo = [p for p in parts if not ingest_tasks.partition_is_done(workdir, p)]
     log.info("%d input files, %d partitions, %d to download", len(files), len(parts), len(todo))
     shards_todo = sum(math.ceil(p["rows"] / config.ingest.samples_per_shard) for p in todo)
-    done = []
+    done = [ingest_tasks.done_uri(workdir, p) for p in parts if p not in todo]
     with Progress("ingest", shards_todo, "ingest: downloading shards") as prog:
-        # img2dataset parallelises inside a partition (processes x threads); partitions go one by one
-        for p in parts:
-            done.append(ingest_tasks.download_partition(p, workdir, config.ingest, sources[p["source"]].extra_cols,
-                                                        progress=prog))
+        # img2dataset parallelises inside a call (processes x threads), so calls go one at a time
+        for name in sources:
+            mine = [p for p in todo if p["source"] == name]
+            for group in batched(mine, config.ingest.partitions_per_call):
+                label = f"{len(group)} partitions from {group[0]['partition_id']}"
+                done += ingest_tasks.download_partitions(name, label, list(group), workdir, config.ingest,
+                                                         sources[name].extra_cols, progress=prog)
     index_uri = ingest_tasks.write_shard_index(workdir, done, ranks)
     index = storage.read_parquet(index_uri)
     drop_files = [f["precheck_drops"] for f in files] + [storage.read_json(u)["download_drops"] for u in done]

@@ -11,6 +11,8 @@ Outputs under the workdir:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import subprocess
@@ -70,52 +72,81 @@ def partition_source(source: SourceConfig, workdir: str, ingest: IngestConfig) -
     return {"files": files, "partitions": parts}
 
 
-def _done_uri(workdir: str, source: str, partition_id: str) -> str:
-    return storage.join(workdir, "ingest", source, f"{partition_id}.done.json")
+def done_uri(workdir: str, part: dict) -> str:
+    """A partition's completion record, written once all its shards are downloaded and indexed."""
+    return storage.join(workdir, "ingest", part["source"], f"{part['partition_id']}.done.json")
 
 
 def partition_is_done(workdir: str, part: dict) -> bool:
-    return storage.exists(_done_uri(workdir, part["source"], part["partition_id"]))
+    return storage.exists(done_uri(workdir, part))
+
+
+def call_id(parts: list[dict]) -> str:
+    """A download call's identity: the partitions it downloads. A killed call is resumed by the next
+    run because the same pending partitions give the same id, hence the same output folder."""
+    return "call-" + hashlib.sha256("\n".join(p["partition_id"] for p in parts).encode()).hexdigest()[:12]
 
 
 @task(
-    name="download-partition",
+    name="download-partitions",
     cache_policy=NO_CACHE,
-    task_run_name="download {part[source]}/{part[partition_id]}",
+    task_run_name="download {source}: {label}",
     retries=2,
     retry_delay_seconds=[10, 60],
 )
-def download_partition(part: dict, workdir: str, ingest: IngestConfig, extra_cols: tuple[str, ...],
-                       progress: Progress | None = None) -> str:
-    """Download one partition with img2dataset (resuming a partial one) and record its shards.
+def download_partitions(source: str, label: str, parts: list[dict], workdir: str, ingest: IngestConfig,
+                        extra_cols: tuple[str, ...], progress: Progress | None = None) -> list[str]:
+    """Download a group of one source's partitions in ONE img2dataset call and record their shards.
 
-    Returns the URI of the partition's completion record. Idempotent: a finished partition is not
-    downloaded again.
+    One call per group, not per partition: an img2dataset call pays several seconds of process
+    start-up, which small partitions would not amortise. img2dataset numbers shards across its input
+    files in sorted order, so each partition's shard range is known in advance. Returns the URIs of
+    the partitions' completion records; partitions already done are skipped, a partial call resumes.
     """
-    done = _done_uri(workdir, part["source"], part["partition_id"])
-    if storage.exists(done):
-        return done
-    out = storage.join(workdir, "shards", part["source"], part["partition_id"])
-    n_shards = math.ceil(part["rows"] / ingest.samples_per_shard)
-    if n_shards:
-        _run_img2dataset(part, out, workdir, ingest, extra_cols, n_shards, progress)
-    record = _summarise_partition(part, out, workdir, n_shards)
-    storage.write_json(done, record)
-    return done
+    pending = [p for p in parts if not partition_is_done(workdir, p)]
+    with_rows = [p for p in pending if p["rows"]]
+    cid = call_id(with_rows)
+    out = storage.join(workdir, "shards", source, cid)
+    first_shard, ranges = 0, {}
+    for p in with_rows:
+        n = math.ceil(p["rows"] / ingest.samples_per_shard)
+        ranges[p["partition_id"]] = range(first_shard, first_shard + n)
+        first_shard += n
+    if with_rows:
+        inputs_dir = _stage_call_inputs(with_rows, storage.join(workdir, "ingest", source, "calls", cid))
+        _run_img2dataset(inputs_dir, out, f"{source}/{cid}", workdir, ingest, extra_cols, first_shard, progress)
+    for p in pending:
+        record = _summarise_partition(p, out, workdir, ranges.get(p["partition_id"], range(0)))
+        storage.write_json(done_uri(workdir, p), record)
+    return [done_uri(workdir, p) for p in pending]
 
 
-def _run_img2dataset(part: dict, out: str, workdir: str, ingest: IngestConfig, extra_cols: tuple[str, ...],
-                     n_shards: int, progress: Progress | None) -> None:
-    spec = {"partition_uri": part["uri"], "output_folder": out, "extra_cols": list(extra_cols),
+def _stage_call_inputs(parts: list[dict], call_dir: str) -> str:
+    """A folder holding exactly the call's partition files, named so that they sort in call order."""
+    fs, d = storage.fs_and_path(call_dir)
+    fs.makedirs(d, exist_ok=True)
+    for i, p in enumerate(parts):
+        target = f"{d}/{i:05d}-{p['partition_id']}.parquet"
+        if fs.exists(target):
+            continue
+        src = storage.fs_and_path(p["uri"])[1]
+        if storage.is_local(call_dir):
+            os.symlink(src, target)
+        else:
+            fs.copy(src, target)
+    return call_dir
+
+
+def _run_img2dataset(inputs_dir: str, out: str, name: str, workdir: str, ingest: IngestConfig,
+                     extra_cols: tuple[str, ...], n_shards: int, progress: Progress | None) -> None:
+    spec = {"url_list": inputs_dir, "output_folder": out, "extra_cols": list(extra_cols),
             "ingest": ingest.model_dump(mode="json")}
     env = {**os.environ, **egress.worker_env(ingest), "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
-    log_dir = storage.join(workdir, "logs", "ingest", part["source"]) if storage.is_local(workdir) else tempfile.mkdtemp()
-    storage.makedirs(log_dir)
-    log_path = os.path.join(log_dir, f"{part['partition_id']}.log")
+    log_dir = storage.join(workdir, "logs", "ingest") if storage.is_local(workdir) else tempfile.mkdtemp()
+    log_path = os.path.join(log_dir, name.replace("/", "-") + ".log")
+    os.makedirs(log_dir, exist_ok=True)
     fs, out_path = storage.fs_and_path(out)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        import json
-
         json.dump(spec, f)
         spec_path = f.name
     reported = 0
@@ -130,11 +161,11 @@ def _run_img2dataset(part: dict, out: str, workdir: str, ingest: IngestConfig, e
     finally:
         os.unlink(spec_path)
     if proc.returncode != 0:
-        raise RuntimeError(f"img2dataset exited with {proc.returncode} on {part['partition_id']}; log: {log_path}")
+        raise RuntimeError(f"img2dataset exited with {proc.returncode} on {name}; log: {log_path}")
     missing = [i for i in range(n_shards) if not fs.exists(f"{out_path}/{i:05d}_stats.json")]
     if missing:
         # img2dataset already retried these shards; a task retry resumes only them
-        raise RuntimeError(f"{len(missing)} of {n_shards} shards of {part['partition_id']} did not finish "
+        raise RuntimeError(f"{len(missing)} of {n_shards} shards of {name} did not finish "
                            f"(first: {missing[0]:05d}); log: {log_path}")
 
 
@@ -147,10 +178,10 @@ def _report_shards(fs, out_path: str, progress: Progress | None, reported: int) 
     return max(done, reported)
 
 
-def _summarise_partition(part: dict, out: str, workdir: str, n_shards: int) -> dict:
+def _summarise_partition(part: dict, out: str, workdir: str, shard_ids: range) -> dict:
     """Turn img2dataset's status tables into drop records and a shard list with checksums."""
     shards, drop_tables = [], []
-    for i in range(n_shards):
+    for i in shard_ids:
         base = storage.join(out, f"{i:05d}")
         status = storage.read_parquet(base + ".parquet", columns=["uid", "url", "status", "error_message"])
         ok = pc.equal(status.column("status"), "success")
