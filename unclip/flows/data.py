@@ -158,7 +158,7 @@ def basic_filter_flow(config: RunConfig, workdir: str) -> dict:
     n_dups = sum(f.result() for f in dedup)
     result_uris = _run_batches(filter_tasks.finalize_batch, batches, work, workdir)
     index = _concat_results(result_uris, filter_tasks.SHARD_RESULT_SCHEMA)
-    index_uri = storage.write_parquet(storage.join(workdir, "basic_filter", "shards.parquet"), index)
+    index_uri = storage.write_parquet(storage.join(workdir, "index", "basic_filter.parquet"), index)
     storage.remove(work, recursive=True)
     return _finish_stage(workdir, config, "basic_filter", {
         "rows_in": ingested["rows_kept"],
@@ -185,7 +185,7 @@ def embed_flow(config: RunConfig, workdir: str) -> dict:
         for i, b in enumerate(batches):
             result_uris.append(embed_tasks.embed_batch(i, b, workdir, cfg, progress=prog))
     index = _concat_results(result_uris, embed_tasks.EMBED_RESULT_SCHEMA)
-    index_uri = storage.write_parquet(storage.join(workdir, "embed", "shards.parquet"), index)
+    index_uri = storage.write_parquet(storage.join(workdir, "index", "embed.parquet"), index)
     storage.remove(storage.join(workdir, "embed", "work"), recursive=True)
     rows = int(pc.sum(index.column("rows")).as_py() or 0)
     return _finish_stage(workdir, config, "embed", {
@@ -220,7 +220,7 @@ def semantic_filter_flow(config: RunConfig, workdir: str) -> dict:
         n_near = sum(f.result() for f in futs)
     result_uris = _run_batches(semantic_tasks.finalize_batch, batches, work, workdir)
     index = _concat_results(result_uris, filter_tasks.SHARD_RESULT_SCHEMA)
-    index_uri = storage.write_parquet(storage.join(workdir, "embeddings", "shards.parquet"), index)
+    index_uri = storage.write_parquet(storage.join(workdir, "index", "embeddings.parquet"), index)
     storage.remove(work, recursive=True)
     return _finish_stage(workdir, config, "semantic_filter", {
         "rows_in": embedded["rows_kept"],

@@ -2,11 +2,12 @@
 
 Outputs under the workdir:
 - ``inputs/<source>/<file_id>-<chunk>.parquet``: normalised partitions (uid, url, caption, extras);
-- ``shards/<source>/<partition>/NNNNN.{tar,parquet}``: img2dataset's webdataset shards and their
-  per-shard status tables (one row per input row: status, error_message, sizes, sha256);
+- ``shards/<source>/<call>/NNNNN.{tar,parquet}``: img2dataset's webdataset shards and their
+  per-shard status tables (one row per input row: status, error_message, sizes, sha256); a call
+  downloads a group of partitions and names its folder after them;
 - ``ingest/<source>/<partition>.done.json``: a partition's completion record (its marker);
 - ``drops/ingest/...``: rows refused by the URL policy's text check, and failed downloads;
-- ``ingest/shards.parquet``: the index of every shard, which later stages read.
+- ``index/ingest.parquet``: the index of every shard, which later stages read.
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def _relative(workdir: str, uri: str) -> str:
 
 @task(name="index-shards", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def write_shard_index(workdir: str, done_records: list[str], source_ranks: dict[str, int]) -> str:
-    """Collect finished partitions into ``ingest/shards.parquet`` (one row per shard)."""
+    """Collect finished partitions into ``index/ingest.parquet`` (one row per shard)."""
     rows: dict[str, list] = {f.name: [] for f in SHARD_INDEX_SCHEMA}
     for uri in done_records:
         rec = storage.read_json(uri)
@@ -223,7 +224,7 @@ def write_shard_index(workdir: str, done_records: list[str], source_ranks: dict[
                 rows[k].append(s[k])
     table = pa.table(rows, schema=SHARD_INDEX_SCHEMA)
     table = table.sort_by([("source_rank", "ascending"), ("shard", "ascending")])
-    uri = storage.join(workdir, "ingest", "shards.parquet")
+    uri = storage.join(workdir, "index", "ingest.parquet")
     storage.write_parquet(uri, table)
     if in_prefect_run():
         get_run_logger().info("indexed %d shards from %d partitions", table.num_rows, len(done_records))
