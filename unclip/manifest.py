@@ -59,11 +59,19 @@ def record_stage(workdir: str, name: str, record: dict, run_config: dict | None 
     record = {**record, "code_version": code_version(),
               "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     m["stages"][name] = record
+    # stages in pipeline order, whatever order they (re-)ran in
+    m["stages"] = {s: m["stages"][s] for s in sorted(m["stages"], key=_stage_rank)}
     m["code_version"] = code_version()
     if run_config is not None:
         m["config"] = run_config
-    storage.write_json(manifest_uri(workdir), m)
+    storage.write_json(manifest_uri(workdir), m, sort_keys=False)
     return m
+
+
+def _stage_rank(stage: str) -> int:
+    from unclip.config import STAGES
+
+    return STAGES.index(stage) if stage in STAGES else len(STAGES)
 
 
 @functools.lru_cache(maxsize=1)

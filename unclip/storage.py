@@ -113,8 +113,8 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def write_json(uri: str, obj: Any) -> str:
-    return write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+def write_json(uri: str, obj: Any, sort_keys: bool = True) -> str:
+    return write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n").encode())
 
 
 def read_json(uri: str) -> Any:

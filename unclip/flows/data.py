@@ -50,11 +50,11 @@ def _read_index(uri: str) -> list[dict]:
 
 
 def _versioned_shards(index: pa.Table, workdir: str) -> str:
-    """Dataset version of a per-shard result index: shards with kept rows, with their tar checksum
-    and the digest of their kept keys."""
+    """Dataset version of a per-shard result index: shards with kept rows, with their content
+    checksum and the digest of their kept keys."""
     ingest_index = storage.read_parquet(manifest.stage(workdir, "ingest")["outputs"]["shard_index"],
-                                        columns=["shard", "tar_sha256"])
-    sha = dict(zip(ingest_index.column("shard").to_pylist(), ingest_index.column("tar_sha256").to_pylist()))
+                                        columns=["shard", "content_sha256"])
+    sha = dict(zip(ingest_index.column("shard").to_pylist(), ingest_index.column("content_sha256").to_pylist()))
     kept = index.filter(pc.greater(index.column("rows"), 0))
     digests = [f"{sha[s]}:{d}" for s, d in zip(kept.column("shard").to_pylist(), kept.column("digest").to_pylist())]
     return manifest.dataset_version(pa.table({"shard": kept.column("shard"), "digest": digests}))
@@ -125,7 +125,7 @@ def ingest_flow(config: RunConfig, workdir: str) -> dict:
     kept = int(pc.sum(index.column("ok")).as_py() or 0)
     with_rows = index.filter(pc.greater(index.column("ok"), 0))
     version = manifest.dataset_version(pa.table({"shard": with_rows.column("shard"),
-                                                 "digest": with_rows.column("tar_sha256")}))
+                                                 "digest": with_rows.column("content_sha256")}))
     return _finish_stage(workdir, config, "ingest", {
         "rows_in": sum(f["rows"] for f in files),
         "rows_kept": kept,

@@ -42,7 +42,8 @@ SHARD_INDEX_SCHEMA = pa.schema(
         pa.field("status", pa.string()),
         pa.field("rows", pa.int64()),
         pa.field("ok", pa.int64()),
-        pa.field("tar_sha256", pa.string()),
+        pa.field("tar_sha256", pa.string()),  # the tar file's bytes (integrity; differs between re-downloads)
+        pa.field("content_sha256", pa.string()),  # its samples: sorted (key, image sha256, caption) of successes
     ]
 )
 
@@ -184,7 +185,8 @@ def _summarise_partition(part: dict, out: str, workdir: str, shard_ids: range) -
     shards, drop_tables = [], []
     for i in shard_ids:
         base = storage.join(out, f"{i:05d}")
-        status = storage.read_parquet(base + ".parquet", columns=["uid", "url", "status", "error_message"])
+        status = storage.read_parquet(base + ".parquet",
+                                      columns=["key", "uid", "url", "caption", "status", "error_message", "sha256"])
         ok = pc.equal(status.column("status"), "success")
         failed = status.filter(pc.invert(ok))
         if failed.num_rows:
@@ -199,10 +201,20 @@ def _summarise_partition(part: dict, out: str, workdir: str, shard_ids: range) -
             }))
         shards.append({"shard": _relative(workdir, base), "tar": base + ".tar", "status": base + ".parquet",
                        "rows": status.num_rows, "ok": int(pc.sum(ok).as_py() or 0),
-                       "tar_sha256": storage.file_checksum(base + ".tar")})
+                       "tar_sha256": storage.file_checksum(base + ".tar"),
+                       "content_sha256": _content_checksum(status.filter(ok))})
     drops_uri = storage.join(workdir, "drops", "ingest", part["source"], f"{part['partition_id']}-download.parquet")
     storage.write_parquet(drops_uri, pa.concat_tables(drop_tables) if drop_tables else drops.empty_drop_table())
     return {**part, "shards": shards, "download_drops": drops_uri}
+
+
+def _content_checksum(ok: pa.Table) -> str:
+    """A shard's checksum that depends only on what it holds, not on how the tar was written (img2dataset
+    writes members in completion order with the current time as their mtime)."""
+    h = hashlib.sha256()
+    for key, sha, caption in sorted(zip(*(ok.column(c).to_pylist() for c in ("key", "sha256", "caption")))):
+        h.update(f"{key}\t{sha}\t{caption}\n".encode())
+    return h.hexdigest()
 
 
 def _relative(workdir: str, uri: str) -> str:
@@ -220,7 +232,7 @@ def write_shard_index(workdir: str, done_records: list[str], source_ranks: dict[
             rows["source"].append(rec["source"])
             rows["source_rank"].append(source_ranks[rec["source"]])
             rows["partition"].append(rec["partition_id"])
-            for k in ("shard", "tar", "status", "rows", "ok", "tar_sha256"):
+            for k in ("shard", "tar", "status", "rows", "ok", "tar_sha256", "content_sha256"):
                 rows[k].append(s[k])
     table = pa.table(rows, schema=SHARD_INDEX_SCHEMA)
     table = table.sort_by([("source_rank", "ascending"), ("shard", "ascending")])
