@@ -1,6 +1,6 @@
 """Ingest throughput: the project's ingest stage against a bare img2dataset call, same list, same server.
 
-    python bench/bench_ingest.py [--rows 6000] [--repeats 3]
+    python bench/bench_ingest.py [--rows 3000 12000] [--repeats 3]
 
 The URL list is the demo generator's valid rows (planted bad rows and the deliberately slow ones are
 left out, so the number measures throughput, not timeouts), served by the demo HTTP server in its
@@ -13,7 +13,12 @@ image size, shard size, sha256) in a fresh process:
   workers, drop records, content checksums and the shard index; Prefect's API is not involved
   (the tasks' ``.fn``), so the number is the data path's cost.
 
-Runs alternate (bare, ours, bare, ours, ...) and the medians are compared: ratio = ours/bare throughput.
+Two list sizes separate the fixed cost of a call (process start-up, imports) from the steady-state
+throughput: the marginal rate (extra images / extra seconds) is what a 1M-row partition sees.
+Each side runs in a fresh process and times its own work after its imports (the bare side the
+``download`` call, ours the task calls, whose img2dataset runs in a further child process as in the
+pipeline). Runs alternate (bare, ours, bare, ours, ...) and the medians are compared:
+ratio = ours/bare throughput.
 """
 
 from __future__ import annotations
@@ -34,27 +39,31 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 BARE = """
-import sys, img2dataset
+import sys, time, img2dataset
+t = time.perf_counter()
 img2dataset.download(url_list=sys.argv[1], input_format="parquet", url_col="url", caption_col="caption",
     output_format="webdataset", output_folder=sys.argv[2], processes_count={processes}, thread_count={threads},
     image_size={image_size}, resize_mode="border", number_sample_per_shard={sps}, oom_shard_count=5,
     timeout={timeout}, compute_hash="sha256", extract_exif=False, enable_wandb=False,
     incremental_mode="incremental")
+print("ELAPSED", time.perf_counter() - t)
 """
 
 OURS = """
-import sys, json
+import sys, time
 from unclip.config import load_config
 from unclip.tasks import ingest
+t = time.perf_counter()
 cfg = load_config(sys.argv[1], variables={{"workdir": sys.argv[2]}})
 src = cfg.sources[0]
 res = ingest.partition_source.fn(src, sys.argv[2], cfg.ingest)
 done = ingest.download_partitions.fn(src.name, "bench", res["partitions"], sys.argv[2], cfg.ingest, src.extra_cols)
 ingest.write_shard_index.fn(sys.argv[2], done, {{src.name: 0}})
+print("ELAPSED", time.perf_counter() - t)
 """
 
 
-def _prepare(out: Path, rows: int) -> tuple[Path, Path, dict]:
+def _prepare(out: Path, rows: int, sizes: list[int]) -> tuple[dict, dict, dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import yaml
@@ -66,62 +75,78 @@ def _prepare(out: Path, rows: int) -> tuple[Path, Path, dict]:
     # generate ~12% more than needed: the planted bad rows are removed below
     spec = demo_source.generate_demo_for_config(str(out / "demo"), demo_cfg, size=int(rows * 1.12) + 100)
     plan = spec.plan()
-    ok = plan.filter(pa.compute.equal(plan.column("kind"), "ok")).slice(0, rows)
-    lst = out / "list"
-    lst.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"url": ok.column("url"), "caption": ok.column("caption")}), lst / "urls.parquet")
+    ok = plan.filter(pa.compute.equal(plan.column("kind"), "ok"))
+    assert ok.num_rows >= rows, (ok.num_rows, rows)
     raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    raw["sources"] = [{"name": "bench", "url_list": str(lst / "urls.parquet")}]
-    raw["ingest"]["partition_rows"] = rows  # one partition: one img2dataset call, like the bare side
     raw["ingest"]["samples_per_shard"] = 1000
-    cfg_path = out / "bench-ingest.yaml"
-    cfg_path.write_text(yaml.safe_dump(raw))
+    lists, configs = {}, {}
+    for n in sizes:
+        lst = out / f"list-{n}"
+        lst.mkdir(parents=True, exist_ok=True)
+        sub = ok.slice(0, n)
+        pq.write_table(pa.table({"url": sub.column("url"), "caption": sub.column("caption")}), lst / "urls.parquet")
+        raw["sources"] = [{"name": "bench", "url_list": str(lst / "urls.parquet")}]
+        raw["ingest"]["partition_rows"] = n  # one partition: one img2dataset call, like the bare side
+        configs[n] = out / f"bench-ingest-{n}.yaml"
+        configs[n].write_text(yaml.safe_dump(raw))
+        lists[n] = lst / "urls.parquet"
     settings = {"processes": raw["ingest"]["processes"], "threads": raw["ingest"]["threads"],
                 "image_size": raw["ingest"]["image_size"], "sps": 1000, "timeout": raw["ingest"]["timeout_s"]}
-    return lst / "urls.parquet", cfg_path, {"spec": spec, **settings}
+    return lists, configs, {"spec": spec, **settings}
 
 
 def _timed(cmd: list[str], env: dict) -> float:
-    t = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t
+    """Seconds of the measured section, as printed by the child: the interpreter start and the imports
+    of the driving process are left out on both sides (a running pipeline has paid them already)."""
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return float([line for line in out.splitlines() if line.startswith("ELAPSED")][-1].split()[1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=6000)
+    ap.add_argument("--rows", type=int, nargs=2, default=[3000, 12000])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "ingest"))
     a = ap.parse_args()
     out = Path(a.out)
-    url_list, cfg_path, s = _prepare(out, a.rows)
+    lists, configs, s = _prepare(out, max(a.rows), a.rows)
     spec = s["spec"]
     server = subprocess.Popen([sys.executable, "-m", "unclip.data.demo_server", "--root", spec.www_dir,
                                "--port", str(spec.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    bare_t, ours_t = [], []
+    times: dict[tuple[str, int], list[float]] = {}
     try:
         time.sleep(2)
         for i in range(a.repeats):
-            for name, times in (("bare", bare_t), ("ours", ours_t)):
-                target = out / f"run-{name}"
-                shutil.rmtree(target, ignore_errors=True)
-                if name == "bare":
-                    code = BARE.format(**{k: s[k] for k in ("processes", "threads", "image_size", "sps", "timeout")})
-                    cmd = [sys.executable, "-c", code, str(url_list), str(target)]
-                else:
-                    cmd = [sys.executable, "-c", OURS.format(), str(cfg_path), str(target)]
-                times.append(_timed(cmd, env))
-                print(f"repeat {i}: {name:4s} {times[-1]:7.2f} s  {a.rows / times[-1]:7.1f} images/s", flush=True)
+            for n in a.rows:
+                for name in ("bare", "ours"):
+                    target = out / f"run-{name}"
+                    shutil.rmtree(target, ignore_errors=True)
+                    if name == "bare":
+                        keys = ("processes", "threads", "image_size", "sps", "timeout")
+                        cmd = [sys.executable, "-c", BARE.format(**{k: s[k] for k in keys}), str(lists[n]), str(target)]
+                    else:
+                        cmd = [sys.executable, "-c", OURS.format(), str(configs[n]), str(target)]
+                    t = _timed(cmd, env)
+                    times.setdefault((name, n), []).append(t)
+                    print(f"repeat {i}: {n:6d} rows {name:4s} {t:7.2f} s  {n / t:7.1f} images/s", flush=True)
     finally:
         server.terminate()
         server.wait()
-    bare, ours = statistics.median(bare_t), statistics.median(ours_t)
-    print(f"\n{a.rows} images, {s['processes']} processes x {s['threads']} threads, {s['image_size']} px, "
-          f"{os.cpu_count()} CPUs")
-    print(f"bare img2dataset: median {bare:.2f} s = {a.rows / bare:.1f} images/s")
-    print(f"ingest stage:     median {ours:.2f} s = {a.rows / ours:.1f} images/s")
-    print(f"ratio (ours / bare throughput): {bare / ours:.3f}")
+    lo, hi = a.rows
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{s['processes']} processes x {s['threads']} threads, {s['image_size']} px, {os.cpu_count()} CPUs; medians of "
+          f"{a.repeats}")
+    print(f"{'':22s}{lo:>8d} rows{hi:>10d} rows   marginal images/s   fixed cost per call")
+    rate = {}
+    for name in ("bare", "ours"):
+        rate[name] = (hi - lo) / (med[(name, hi)] - med[(name, lo)])
+        fixed = med[(name, lo)] - lo / rate[name]
+        print(f"{'bare img2dataset' if name == 'bare' else 'ingest stage':22s}{med[(name, lo)]:>11.2f} s"
+              f"{med[(name, hi)]:>12.2f} s   {rate[name]:>17.1f}   {fixed:>10.2f} s")
+    print(f"ratio at {lo} rows (ours / bare throughput): {med[('bare', lo)] / med[('ours', lo)]:.3f}")
+    print(f"ratio at {hi} rows (ours / bare throughput): {med[('bare', hi)] / med[('ours', hi)]:.3f}")
+    print(f"ratio of marginal throughputs (steady state): {rate['ours'] / rate['bare']:.3f}")
 
 
 if __name__ == "__main__":
