@@ -10,8 +10,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from pathlib import Path
+
 from unclip import storage
-from unclip.config import RunConfig
+from unclip.config import RunConfig, load_config
 from unclip.data import demo_source
 from unclip.flows.data import data_pipeline
 
@@ -24,10 +26,19 @@ def generate(workdir: str, config: RunConfig, size: int, seed: int) -> str:
     return spec.out_dir
 
 
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
 @flow(name="demo", flow_run_name=lambda: "demo")
-def demo_flow(config: RunConfig, workdir: str, size: int = 2000, seed: int = 0, until: str = "pca") -> dict:
-    """Generate (once), serve and run the data pipeline on the built-in demo data."""
+def demo_flow(workdir: str, config: RunConfig | None = None, size: int = 2000, seed: int = 0,
+              until: str = "pca") -> dict:
+    """Generate (once), serve and run the data pipeline on the built-in demo data.
+
+    Without ``config``, the shipped ``configs/demo.yaml`` is used (with ``${workdir}`` filled in).
+    """
     workdir = storage.absolute(workdir)
+    if config is None:
+        config = load_config(DEMO_CONFIG, variables={"workdir": workdir})
     out_dir = generate(workdir, config, size, seed)
     spec = demo_source.load_demo(out_dir)
     with spec.server():
