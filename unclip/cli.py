@@ -73,14 +73,22 @@ def main(argv: list[str] | None = None) -> int:
 
     until = stages[-1]
     start = time.monotonic()
-    if args.command == "demo":
-        from unclip.flows.demo import demo_flow
+    try:
+        if args.command == "demo":
+            from unclip.flows.demo import demo_flow
 
-        records = demo_flow(config=config, workdir=workdir, size=args.size, seed=args.seed, until=until)
-    else:
-        from unclip.flows.data import data_pipeline
+            records = demo_flow(config=config, workdir=workdir, size=args.size, seed=args.seed, until=until)
+        else:
+            from unclip.flows.data import data_pipeline
 
-        records = data_pipeline(config=config, workdir=workdir, until=until)
+            records = data_pipeline(config=config, workdir=workdir, until=until)
+    except Exception as err:  # the flow run, its logs and the traceback are in Prefect
+        if args.verbose:
+            raise
+        print(f"unclip: error: the run failed after {time.monotonic() - start:.0f} s: {type(err).__name__}: {err}\n"
+              f"Finished stages are kept; run the same command again to resume. Details: --verbose, the Prefect "
+              f"UI, and {workdir}/logs/.", file=sys.stderr)
+        return 1
     print(summary(records, workdir, config, time.monotonic() - start))
     return 0
 

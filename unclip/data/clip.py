@@ -14,6 +14,7 @@ runs in DataLoader worker processes; the model runs in inference mode on the mai
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -63,6 +64,17 @@ def _local_checkpoint(uri: str) -> str:
     return fsspec.open_local(f"filecache::{uri}", filecache={"cache_storage": os.path.expanduser("~/.cache/unclip")})
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 @functools.lru_cache(maxsize=2)
 def _load_cached(model_json: str, device: str):
     import open_clip
@@ -76,8 +88,8 @@ def _load_cached(model_json: str, device: str):
         pretrained = _local_checkpoint(cfg.checkpoint)
     else:
         pretrained = cfg.pretrained
-    logging.getLogger("root").setLevel(logging.ERROR)  # open_clip warns on every random init
-    model, _, preprocess = open_clip.create_model_and_transforms(cfg.arch, pretrained=pretrained, device=device)
+    with _quiet_root_logger():  # open_clip warns "no pretrained weights" on every random init
+        model, _, preprocess = open_clip.create_model_and_transforms(cfg.arch, pretrained=pretrained, device=device)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(cfg.arch)
 

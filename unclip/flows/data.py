@@ -151,9 +151,10 @@ def basic_filter_flow(config: RunConfig, workdir: str) -> dict:
     batches = list(batched(shards, config.orchestration.shards_per_task))
     with Progress("basic-filter", len(shards), "basic filter: checking shards") as prog:
         _run_batches(filter_tasks.check_batch, batches, work, cfg, progress=prog)
-    groups = max(1, math.ceil(cfg.dedup_buckets / max(1, config.orchestration.max_parallel_tasks * 4)))
-    dedup = [filter_tasks.dedup_buckets.submit(lo, min(lo + groups, cfg.dedup_buckets), work)
-             for lo in range(0, cfg.dedup_buckets, groups)]
+    # a few bucket ranges per parallel slot: balanced load without a task per bucket
+    per_task = max(1, math.ceil(cfg.dedup_buckets / (config.orchestration.max_parallel_tasks * 4)))
+    dedup = [filter_tasks.dedup_buckets.submit(lo, min(lo + per_task, cfg.dedup_buckets), work)
+             for lo in range(0, cfg.dedup_buckets, per_task)]
     wait(dedup)
     n_dups = sum(f.result() for f in dedup)
     result_uris = _run_batches(filter_tasks.finalize_batch, batches, work, workdir)
@@ -191,9 +192,10 @@ def embed_flow(config: RunConfig, workdir: str) -> dict:
     return _finish_stage(workdir, config, "embed", {
         "rows_in": filtered["rows_kept"],
         "rows_kept": rows,
-        "drops_by_reason": {},
+        "drops_by_reason": count_reasons(index.column("drops").to_pylist()),
         "dataset_version": _versioned_shards(index, workdir),
-        "outputs": {"shard_index": index_uri, "embeddings": storage.join(workdir, "embed", "candidates")},
+        "outputs": {"shard_index": index_uri, "embeddings": storage.join(workdir, "embed", "candidates"),
+                    "drops": storage.join(workdir, "drops", "embed")},
         "metrics": {"model": cfg.model.arch, "weights": cfg.model.weights, "dtype": cfg.dtype,
                     "random_init": cfg.model.seed is not None},
         "config": {"embed": cfg.model_dump(mode="json")},

@@ -3,18 +3,20 @@
 One task embeds a batch of shards: one model load, one DataLoader over the batch's tars (decoding in
 worker processes), batches that may span shards, and one Parquet file per shard written as soon as
 all of its rows are in. A shard whose output already holds the same kept rows (same digest in the
-file's metadata) is skipped, so re-runs and resumed runs embed only what changed.
+file's metadata) is skipped, so re-runs and resumed runs embed only what changed. A sample the
+loader cannot read or decode is logged, skipped, and recorded as a drop (``embed``, ``decode_error``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from unclip import storage
+from unclip import drops, storage
 from unclip.config import EmbedConfig
 from unclip.data import clip
 from unclip.tasks.common import Progress, in_prefect_run
@@ -31,6 +33,7 @@ EMBED_RESULT_SCHEMA = pa.schema(
         pa.field("rows", pa.int64()),
         pa.field("digest", pa.string()),
         pa.field("embeddings", pa.string()),
+        pa.field("drops", pa.string()),
     ]
 )
 
@@ -45,15 +48,27 @@ def output_digest(uri: str) -> str | None:
     return value.decode() if value else None
 
 
-def _write_shard(uri: str, kept: pa.Table, parts: dict[str, list], dtype: str, digest: str) -> None:
-    order = np.argsort(np.asarray(parts["key"]))
+def _write_shard(uri: str, drops_uri: str, kept: pa.Table, parts: dict[str, list] | None, dtype: str,
+                 digest: str) -> int:
+    """Write one shard's embeddings, sorted by key; kept rows that never came out of the loader (a tar
+    member webdataset could not decode) become drop records instead. Returns the rows written."""
+    parts = parts or {"key": [], "img": [], "txt": [], "score": []}
+    order = np.argsort(np.asarray(parts["key"], dtype=object)) if parts["key"] else np.zeros(0, np.int64)
     img = np.concatenate(parts["img"])[order] if parts["img"] else np.zeros((0, clip.EMBED_DIM), np.float32)
     txt = np.concatenate(parts["txt"])[order] if parts["txt"] else np.zeros((0, clip.EMBED_DIM), np.float32)
     score = np.concatenate(parts["score"])[order] if parts["score"] else np.zeros(0, np.float32)
-    keys = [parts["key"][i] for i in order]
-    kept = kept.sort_by("key")
-    if kept.column("key").to_pylist() != keys:
-        raise RuntimeError(f"{uri}: embedded keys differ from the kept rows (a tar member failed to decode?)")
+    got = pa.array([parts["key"][i] for i in order], pa.string())
+    present = pc.is_in(kept.column("key"), value_set=got)
+    lost = kept.filter(pc.invert(present))
+    storage.write_parquet(drops_uri, drops.drop_table({
+        "uid": lost.column("uid").to_pylist(), "url": lost.column("url").to_pylist(),
+        "source": lost.column("source").to_pylist(), "stage": ["embed"] * lost.num_rows,
+        "reason": [drops.DECODE_ERROR] * lost.num_rows,
+        "detail": ["the shard's image could not be read or decoded by the embedding loader"] * lost.num_rows,
+    }))
+    kept = kept.filter(present).sort_by("key")
+    if kept.column("key").to_pylist() != got.to_pylist():
+        raise RuntimeError(f"{uri}: the loader returned keys that are not among the shard's kept rows")
     schema = clip.embedding_schema(dtype).with_metadata({DIGEST_KEY: digest.encode()})
     table = pa.table(
         {
@@ -69,6 +84,7 @@ def _write_shard(uri: str, kept: pa.Table, parts: dict[str, list], dtype: str, d
         schema=schema,
     )
     storage.write_parquet(uri, table, row_group_size=4096)
+    return table.num_rows
 
 
 @task(name="embed-shards", task_run_name="embed: batch {batch}", cache_policy=NO_CACHE,
@@ -80,24 +96,31 @@ def embed_batch(batch: int, shards: list[dict], workdir: str, cfg: EmbedConfig,
     todo, out_rows = {}, []
     for s in shards:
         uri = shard_file(workdir, "embed/candidates", s["shard"])
+        drops_uri = shard_file(workdir, "drops/embed", s["shard"])
         out_rows.append({"source": s["source"], "source_rank": s["source_rank"], "shard": s["shard"],
-                         "tar": s["tar"], "rows": s["rows"], "digest": s["digest"], "embeddings": uri})
-        if output_digest(uri) == s["digest"]:
+                         "tar": s["tar"], "rows": None, "digest": s["digest"], "embeddings": uri,
+                         "drops": drops_uri})
+        if output_digest(uri) == s["digest"] and storage.exists(drops_uri):
+            out_rows[-1]["rows"] = storage.parquet_rows(uri)
             if progress:
                 progress.advance()
             continue
-        todo[s["tar"]] = (s, uri, storage.read_parquet(s["kept"]))
+        todo[s["tar"]] = (s, uri, drops_uri, storage.read_parquet(s["kept"]), len(out_rows) - 1)
+
+    def finish(tar: str, parts: dict | None) -> None:
+        s, uri, drops_uri, kept, row = todo[tar]
+        out_rows[row]["rows"] = _write_shard(uri, drops_uri, kept, parts, cfg.dtype, s["digest"])
+        if progress:
+            progress.advance()
+
     if todo:
         model, preprocess, tokenizer = clip.load_clip(cfg.model, device)
         keep = {tar: dict(zip(k.column("key").to_pylist(), k.column("caption").to_pylist()))
-                for tar, (_, _, k) in todo.items()}
-        parts = {tar: {"key": [], "img": [], "txt": [], "score": []} for tar in todo}
+                for tar, (_, _, _, k, _) in todo.items()}
+        parts: dict[str, dict | None] = {tar: {"key": [], "img": [], "txt": [], "score": []} for tar in todo}
         remaining = {tar: len(v) for tar, v in keep.items()}
         for tar in [t for t, n in remaining.items() if n == 0]:
-            s, uri, kept = todo[tar]
-            _write_shard(uri, kept, parts[tar], cfg.dtype, s["digest"])
-            if progress:
-                progress.advance()
+            finish(tar, None)
         for b in clip.make_loader({t: v for t, v in keep.items() if v}, preprocess, tokenizer, cfg):
             img, txt, score = clip.encode_batch(model, b["image"], b["text"], device)
             urls = np.asarray(b["__url__"])
@@ -110,15 +133,11 @@ def embed_batch(batch: int, shards: list[dict], workdir: str, cfg: EmbedConfig,
                 p["score"].append(score[sel])
                 remaining[tar] -= len(sel)
                 if remaining[tar] == 0:
-                    s, uri, kept = todo[tar]
-                    _write_shard(uri, kept, p, cfg.dtype, s["digest"])
+                    finish(tar, p)
                     parts[tar] = None  # free this shard's arrays now
-                    if progress:
-                        progress.advance()
-        unfinished = [t for t, n in remaining.items() if n != 0]
-        if unfinished:
-            raise RuntimeError(f"{len(unfinished)} shards were not fully embedded (missing samples), "
-                               f"first: {unfinished[0]}")
+        for tar, n in remaining.items():
+            if n > 0:  # samples the loader skipped (logged by its handler): recorded as drops
+                finish(tar, parts[tar])
     if in_prefect_run():
         get_run_logger().info("batch %d: %d shards embedded, %d already up to date", batch, len(todo),
                               len(shards) - len(todo))
