@@ -103,6 +103,10 @@ def basic_checks(status: pa.Table, cfg: BasicFilterConfig, *, source: str, sourc
     return candidates, drop
 
 
+# drop records that still carry their shard, so that a shard batch's finalize task can find them
+ROUTED_DROP_SCHEMA = drops.DROP_SCHEMA.append(pa.field("shard", pa.string()))
+
+
 def exact_duplicates(rows: pa.Table) -> pa.Table:
     """Rows whose ``sha256`` equals that of a row sorting earlier by (source_rank, uid).
 
@@ -110,7 +114,7 @@ def exact_duplicates(rows: pa.Table) -> pa.Table:
     extra ``shard`` column, so that they can be routed back to their shard).
     """
     if rows.num_rows == 0:
-        return _with_shard(drops.empty_drop_table(), [])
+        return ROUTED_DROP_SCHEMA.empty_table()
     rows = rows.sort_by([("sha256", "ascending"), ("source_rank", "ascending"), ("uid", "ascending")])
     sha = rows.column("sha256").to_numpy(zero_copy_only=False)
     first = np.ones(len(sha), dtype=bool)
@@ -128,11 +132,7 @@ def exact_duplicates(rows: pa.Table) -> pa.Table:
         "reason": [drops.DUPLICATE_EXACT] * len(dup),
         "detail": [f"same bytes as {uid[group_start[i]]}" for i in dup],
     })
-    return _with_shard(table, taken.column("shard").to_pylist())
-
-
-def _with_shard(table: pa.Table, shards: list) -> pa.Table:
-    return table.append_column("shard", pa.array(shards, pa.string()))
+    return table.append_column("shard", taken.column("shard"))
 
 
 def clip_score_drops(table: pa.Table, min_score: float | None) -> np.ndarray:

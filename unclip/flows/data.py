@@ -89,9 +89,16 @@ def _run_batches(task, batches: list, *args, **kwargs) -> list:
     return [f.result() for f in futures]
 
 
-def _concat_results(uris: list[str], schema: pa.Schema) -> pa.Table:
-    tables = [storage.read_parquet(u) for u in uris]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+def _write_index(workdir: str, name: str, result_uris: list[str], schema: pa.Schema) -> tuple[pa.Table, str]:
+    """Concatenate the batch tasks' result files into the stage's per-shard index ``index/<name>.parquet``."""
+    tables = [storage.read_parquet(u) for u in result_uris]
+    index = pa.concat_tables(tables) if tables else schema.empty_table()
+    return index, storage.write_parquet(storage.join(workdir, "index", f"{name}.parquet"), index)
+
+
+def _kept_and_drops(index: pa.Table) -> dict:
+    return {"rows_kept": int(pc.sum(index.column("rows")).as_py() or 0),
+            "drops_by_reason": count_reasons(index.column("drops").to_pylist())}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,13 +165,11 @@ def basic_filter_flow(config: RunConfig, workdir: str) -> dict:
     wait(dedup)
     n_dups = sum(f.result() for f in dedup)
     result_uris = _run_batches(filter_tasks.finalize_batch, batches, work, workdir)
-    index = _concat_results(result_uris, filter_tasks.SHARD_RESULT_SCHEMA)
-    index_uri = storage.write_parquet(storage.join(workdir, "index", "basic_filter.parquet"), index)
+    index, index_uri = _write_index(workdir, "basic_filter", result_uris, filter_tasks.SHARD_RESULT_SCHEMA)
     storage.remove(work, recursive=True)
     return _finish_stage(workdir, config, "basic_filter", {
         "rows_in": ingested["rows_kept"],
-        "rows_kept": int(pc.sum(index.column("rows")).as_py() or 0),
-        "drops_by_reason": count_reasons(index.column("drops").to_pylist()),
+        **_kept_and_drops(index),
         "dataset_version": _versioned_shards(index, workdir),
         "outputs": {"shard_index": index_uri, "kept": storage.join(workdir, "basic_filter", "kept"),
                     "drops": storage.join(workdir, "drops", "basic_filter")},
@@ -185,14 +190,11 @@ def embed_flow(config: RunConfig, workdir: str) -> dict:
         # one batch at a time: the model takes the whole machine (or its GPU)
         for i, b in enumerate(batches):
             result_uris.append(embed_tasks.embed_batch(i, b, workdir, cfg, progress=prog))
-    index = _concat_results(result_uris, embed_tasks.EMBED_RESULT_SCHEMA)
-    index_uri = storage.write_parquet(storage.join(workdir, "index", "embed.parquet"), index)
+    index, index_uri = _write_index(workdir, "embed", result_uris, embed_tasks.EMBED_RESULT_SCHEMA)
     storage.remove(storage.join(workdir, "embed", "work"), recursive=True)
-    rows = int(pc.sum(index.column("rows")).as_py() or 0)
     return _finish_stage(workdir, config, "embed", {
         "rows_in": filtered["rows_kept"],
-        "rows_kept": rows,
-        "drops_by_reason": count_reasons(index.column("drops").to_pylist()),
+        **_kept_and_drops(index),
         "dataset_version": _versioned_shards(index, workdir),
         "outputs": {"shard_index": index_uri, "embeddings": storage.join(workdir, "embed", "candidates"),
                     "drops": storage.join(workdir, "drops", "embed")},
@@ -221,13 +223,11 @@ def semantic_filter_flow(config: RunConfig, workdir: str) -> dict:
         wait(futs)
         n_near = sum(f.result() for f in futs)
     result_uris = _run_batches(semantic_tasks.finalize_batch, batches, work, workdir)
-    index = _concat_results(result_uris, filter_tasks.SHARD_RESULT_SCHEMA)
-    index_uri = storage.write_parquet(storage.join(workdir, "index", "embeddings.parquet"), index)
+    index, index_uri = _write_index(workdir, "embeddings", result_uris, filter_tasks.SHARD_RESULT_SCHEMA)
     storage.remove(work, recursive=True)
     return _finish_stage(workdir, config, "semantic_filter", {
         "rows_in": embedded["rows_kept"],
-        "rows_kept": int(pc.sum(index.column("rows")).as_py() or 0),
-        "drops_by_reason": count_reasons(index.column("drops").to_pylist()),
+        **_kept_and_drops(index),
         "dataset_version": _versioned_shards(index, workdir),
         "outputs": {"shard_index": index_uri, "embeddings": storage.join(workdir, "embeddings"),
                     "drops": storage.join(workdir, "drops", "semantic_filter")},

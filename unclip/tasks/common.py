@@ -108,5 +108,21 @@ def publish_markdown(stage: str, name: str, markdown: str, description: str) -> 
         create_markdown_artifact(markdown, key=artifact_key(stage, name), description=description)
 
 
-def concat_or_empty(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+def route_by_batch(rows: pa.Table, batches, work: str, area: str, name: str) -> None:
+    """Write ``rows`` to ``<work>/<area>/batch=<b>/<name>.parquet``, one file per shard batch ``b``
+    (``batches`` gives each row's batch), so that the batch's finalize task reads only its own."""
+    import numpy as np
+
+    batches = np.asarray(batches)
+    for b in np.unique(batches):
+        storage.write_parquet(storage.join(work, area, f"batch={int(b)}", f"{name}.parquet"),
+                              rows.filter(pa.array(batches == b)))
+
+
+def read_routed(work: str, area: str, batch: int, schema: pa.Schema) -> pa.Table:
+    """The rows ``route_by_batch`` wrote for ``batch`` (an empty table of ``schema`` if none)."""
+    folder = storage.join(work, area, f"batch={batch}")
+    if not storage.exists(folder):
+        return schema.empty_table()
+    fs, p = storage.fs_and_path(folder)
+    return ds.dataset(p, format="parquet", filesystem=fs).to_table()

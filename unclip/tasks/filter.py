@@ -17,10 +17,10 @@ import pyarrow.dataset as ds
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from unclip import drops, storage
+from unclip import storage
 from unclip.config import BasicFilterConfig
 from unclip.data import filters
-from unclip.tasks.common import Progress
+from unclip.tasks.common import Progress, read_routed, route_by_batch
 from unclip.tasks.ingest import STATUS_COLUMNS
 
 SHARD_RESULT_SCHEMA = pa.schema(
@@ -86,10 +86,8 @@ def dedup_buckets(lo: int, hi: int, work: str) -> int:
     if dups.num_rows == 0:
         return 0
     batch_of = dict(zip(rows.column("uid").to_pylist(), rows.column("batch").to_pylist()))
-    batches = pa.array([batch_of[u] for u in dups.column("uid").to_pylist()], pa.int32())
-    for b in sorted(set(batches.to_pylist())):
-        part = dups.filter(pc.equal(batches, b))
-        storage.write_parquet(storage.join(work, "dups", f"batch={b}", f"buckets-{lo:05d}-{hi:05d}.parquet"), part)
+    route_by_batch(dups, [batch_of[u] for u in dups.column("uid").to_pylist()], work, "dups",
+                   f"buckets-{lo:05d}-{hi:05d}")
     return dups.num_rows
 
 
@@ -97,9 +95,7 @@ def dedup_buckets(lo: int, hi: int, work: str) -> int:
       retries=2, retry_delay_seconds=5)
 def finalize_batch(batch: int, shards: list[dict], work: str, workdir: str) -> str:
     """Write each shard's kept rows and drop records; return the batch's result file."""
-    dup_dir = storage.join(work, "dups", f"batch={batch}")
-    dups = (_fs_dataset(dup_dir).to_table() if storage.exists(dup_dir)
-            else filters._with_shard(drops.empty_drop_table(), []))
+    dups = read_routed(work, "dups", batch, filters.ROUTED_DROP_SCHEMA)
     out: dict[str, list] = {f.name: [] for f in SHARD_RESULT_SCHEMA}
     for s in shards:
         cand = storage.read_parquet(shard_file(work, "candidates", s["shard"]))

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from unclip import drops, storage
 from unclip.config import SemanticFilterConfig
 from unclip.data import clip, filters
-from unclip.tasks.common import Progress
+from unclip.tasks.common import Progress, read_routed, route_by_batch
 from unclip.tasks.embed import DIGEST_KEY
 from unclip.tasks.filter import SHARD_RESULT_SCHEMA, keys_digest, shard_file
 
@@ -139,9 +139,8 @@ def near_dedup_group(group: int, work: str, threshold: float) -> int:
     if not found:
         return 0
     dups = pa.concat_tables(found)
-    for b in np.unique(dups.column("batch").to_numpy()):
-        part = dups.filter(pc.equal(dups.column("batch"), b)).drop_columns(["batch"])
-        storage.write_parquet(storage.join(work, "neardups", f"batch={b}", f"group-{group:06d}.parquet"), part)
+    route_by_batch(dups.drop_columns(["batch"]), dups.column("batch").to_numpy(), work, "neardups",
+                   f"group-{group:06d}")
     return dups.num_rows
 
 
@@ -149,12 +148,7 @@ def near_dedup_group(group: int, work: str, threshold: float) -> int:
       retries=2, retry_delay_seconds=5)
 def finalize_batch(batch: int, shards: list[dict], work: str, workdir: str) -> str:
     """Write each shard's final embeddings (kept rows only) and its semantic-filter drops."""
-    dup_dir = storage.join(work, "neardups", f"batch={batch}")
-    if storage.exists(dup_dir):
-        fs, p = storage.fs_and_path(dup_dir)
-        dups = ds.dataset(p, format="parquet", filesystem=fs).to_table()
-    else:
-        dups = filters._with_shard(drops.empty_drop_table(), [])
+    dups = read_routed(work, "neardups", batch, filters.ROUTED_DROP_SCHEMA)
     out: dict[str, list] = {f.name: [] for f in SHARD_RESULT_SCHEMA}
     for s in shards:
         score_drops = storage.read_parquet(shard_file(work, "score_drops", s["shard"]))
