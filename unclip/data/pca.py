@@ -613,6 +613,9 @@ def fit_pca_quantiser(
         },
     )
     kept = float(pca.explained_variance_ratio_.sum())
+    # sq_err is accumulated as ||x||^2 - ||z||^2 (Pythagoras), which rounds to a tiny negative number
+    # when the kept components reconstruct the rows exactly (fewer rows than components)
+    pca_err = max(0.0, sums.sq_err)
     report = {
         "rows": n_rows,
         "dim": d,
@@ -620,9 +623,9 @@ def fit_pca_quantiser(
         "n_buckets": n_buckets,
         "dot_buckets": dot_buckets,
         "explained_variance_ratio_kept": kept,
-        "relative_mse_pca_centred": 1.0 - kept,
-        "relative_mse_pca": sums.sq_err / sums.sq_norm,
-        "relative_mse_pca_quantised": (sums.sq_err + q_err_total) / sums.sq_norm,
+        "relative_mse_pca_centred": max(0.0, 1.0 - kept),
+        "relative_mse_pca": pca_err / sums.sq_norm,
+        "relative_mse_pca_quantised": (pca_err + q_err_total) / sums.sq_norm,
         "quantiser_sample_rows": int(z_sample.shape[0]),
         "quantisation_error_rows": n_err,
         "dot_sample_rows": int(dots_res.sample.shape[0]),
