@@ -156,12 +156,11 @@ def basic_filter_flow(config: RunConfig, workdir: str) -> dict:
     shards = _read_index(ingested["outputs"]["shard_index"])
     work = _work_dir(workdir, "basic_filter")
     batches = list(batched(shards, config.orchestration.shards_per_task))
+    # a few bucket groups per parallel slot: balanced load without a task per bucket
+    per_group = max(1, math.ceil(cfg.dedup_buckets / (config.orchestration.max_parallel_tasks * 4)))
     with Progress("basic-filter", len(shards), "basic filter: checking shards") as prog:
-        _run_batches(filter_tasks.check_batch, batches, work, cfg, progress=prog)
-    # a few bucket ranges per parallel slot: balanced load without a task per bucket
-    per_task = max(1, math.ceil(cfg.dedup_buckets / (config.orchestration.max_parallel_tasks * 4)))
-    dedup = [filter_tasks.dedup_buckets.submit(lo, min(lo + per_task, cfg.dedup_buckets), work)
-             for lo in range(0, cfg.dedup_buckets, per_task)]
+        _run_batches(filter_tasks.check_batch, batches, work, cfg, per_group, progress=prog)
+    dedup = [filter_tasks.dedup_group.submit(g, work) for g in range(math.ceil(cfg.dedup_buckets / per_group))]
     wait(dedup)
     n_dups = sum(f.result() for f in dedup)
     result_uris = _run_batches(filter_tasks.finalize_batch, batches, work, workdir)

@@ -83,7 +83,7 @@ def _write_shard(uri: str, drops_uri: str, kept: pa.Table, parts: dict[str, list
         },
         schema=schema,
     )
-    storage.write_parquet(uri, table, row_group_size=4096)
+    storage.write_parquet(uri, table, **clip.EMBEDDING_PARQUET_OPTIONS)
     return table.num_rows
 
 

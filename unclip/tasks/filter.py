@@ -1,16 +1,17 @@
 """Basic-filter tasks: per-shard checks, exact de-duplication in hash buckets, per-shard results.
 
-Map-reduce shaped so that nothing holds the dataset: (1) each task checks a batch of shards and
-writes candidate rows (with a hash bucket) to a run-scoped work folder; (2) each dedup task reads
-one group of buckets across all shards (Arrow pushes the bucket filter down), finds duplicates and
-writes them routed by shard batch; (3) each finalize task writes, per shard, the kept rows and all
-drop records. Tasks return URIs of small batch-result files, never row data.
+Map-reduce shaped so that nothing holds the dataset: (1) each task checks a batch of shards, writes
+their candidate rows to a run-scoped work folder and their content hashes shuffled into bucket
+groups; (2) each dedup task reads one bucket group (all shards' rows of those buckets, nothing
+else), finds duplicates and writes them routed by shard batch; (3) each finalize task writes, per
+shard, the kept rows and all drop records. Tasks return URIs of small batch-result files, never row data.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -52,12 +53,19 @@ def _fs_dataset(uri: str, **kw) -> ds.Dataset:
     return ds.dataset(p, format="parquet", filesystem=fs, **kw)
 
 
+HASH_COLUMNS = ["uid", "url", "source", "source_rank", "shard", "sha256", "batch"]
+
+
 @task(name="basic-checks", task_run_name="basic checks: batch {batch}", cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=5)
-def check_batch(batch: int, shards: list[dict], work: str, cfg: BasicFilterConfig,
+def check_batch(batch: int, shards: list[dict], work: str, cfg: BasicFilterConfig, buckets_per_group: int,
                 progress: Progress | None = None) -> int:
-    """Per-sample checks on a batch of shards; writes candidates and drops to the work folder."""
-    n = 0
+    """Per-sample checks on a batch of shards; writes candidates and drops to the work folder.
+
+    Also writes the candidates' hashes shuffled by bucket group (``hashes/group=<g>/batch-<b>``), so
+    that each dedup task reads its own group once instead of scanning every shard.
+    """
+    n, slim = 0, []
     for s in shards:
         status = storage.read_parquet(s["status"], columns=STATUS_COLUMNS)
         status = status.filter(pc.equal(status.column("status"), "success"))
@@ -66,28 +74,33 @@ def check_batch(batch: int, shards: list[dict], work: str, cfg: BasicFilterConfi
         cand = cand.append_column("batch", pa.array([batch] * cand.num_rows, pa.int32()))
         storage.write_parquet(shard_file(work, "candidates", s["shard"]), cand)
         storage.write_parquet(shard_file(work, "check_drops", s["shard"]), drop)
+        slim.append(cand.select(HASH_COLUMNS + ["bucket"]))
         n += cand.num_rows
         if progress:
             progress.advance()
+    if slim:
+        hashes = pa.concat_tables(slim)
+        group = hashes.column("bucket").to_numpy() // buckets_per_group
+        for g in np.unique(group):
+            storage.write_parquet(storage.join(work, "hashes", f"group={int(g)}", f"batch-{batch:06d}.parquet"),
+                                  hashes.filter(pa.array(group == g)).select(HASH_COLUMNS))
     return n
 
 
-@task(name="exact-dedup", task_run_name="exact dedup: buckets {lo}-{hi}", cache_policy=NO_CACHE,
+@task(name="exact-dedup", task_run_name="exact dedup: bucket group {group}", cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=5)
-def dedup_buckets(lo: int, hi: int, work: str) -> int:
-    """Find exact duplicates among candidates whose bucket is in [lo, hi); route them by shard batch."""
-    cand_dir = storage.join(work, "candidates")
-    if not storage.exists(cand_dir):
+def dedup_group(group: int, work: str) -> int:
+    """Find exact duplicates among the candidates of one bucket group; route them by shard batch."""
+    folder = storage.join(work, "hashes", f"group={group}")
+    if not storage.exists(folder):
         return 0
-    dset = _fs_dataset(cand_dir)
-    flt = (ds.field("bucket") >= lo) & (ds.field("bucket") < hi)
-    rows = dset.to_table(columns=["uid", "url", "source", "source_rank", "shard", "sha256", "batch"], filter=flt)
+    rows = _fs_dataset(folder).to_table(columns=HASH_COLUMNS)
     dups = filters.exact_duplicates(rows.drop_columns(["batch"]))
     if dups.num_rows == 0:
         return 0
     batch_of = dict(zip(rows.column("uid").to_pylist(), rows.column("batch").to_pylist()))
     route_by_batch(dups, [batch_of[u] for u in dups.column("uid").to_pylist()], work, "dups",
-                   f"buckets-{lo:05d}-{hi:05d}")
+                   f"group-{group:06d}")
     return dups.num_rows
 
 

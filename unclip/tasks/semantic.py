@@ -158,7 +158,8 @@ def finalize_batch(batch: int, shards: list[dict], work: str, workdir: str) -> s
         kept = t.filter(pc.invert(pc.is_in(t.column("uid"), value_set=drop.column("uid"))))
         digest = keys_digest(kept.column("key").to_pylist())
         kept = kept.replace_schema_metadata({DIGEST_KEY: digest.encode()})
-        uri = storage.write_parquet(shard_file(workdir, "embeddings", s["shard"]), kept, row_group_size=4096)
+        uri = storage.write_parquet(shard_file(workdir, "embeddings", s["shard"]), kept,
+                                    **clip.EMBEDDING_PARQUET_OPTIONS)
         drops_uri = storage.write_parquet(shard_file(workdir, "drops/semantic_filter", s["shard"]), drop)
         for k, v in (("source", s["source"]), ("source_rank", s["source_rank"]), ("shard", s["shard"]),
                      ("tar", s["tar"]), ("rows", kept.num_rows), ("digest", digest), ("kept", uri),
