@@ -113,10 +113,11 @@ def ingest_flow(config: RunConfig, workdir: str) -> dict:
     per_source = [f.result() for f in futures]
     files = [f for r in per_source for f in r["files"]]
     parts = [p for r in per_source for p in r["partitions"]]
-    todo = [p for p in parts if not ingest_tasks.partition_is_done(workdir, p)]
+    finished = [ingest_tasks.partition_is_done(workdir, p) for p in parts]
+    todo = [p for p, f in zip(parts, finished) if not f]
+    done = [ingest_tasks.done_uri(workdir, p) for p, f in zip(parts, finished) if f]
     log.info("%d input files, %d partitions, %d to download", len(files), len(parts), len(todo))
     shards_todo = sum(math.ceil(p["rows"] / config.ingest.samples_per_shard) for p in todo)
-    done = [ingest_tasks.done_uri(workdir, p) for p in parts if p not in todo]
     with Progress("ingest", shards_todo, "ingest: downloading shards") as prog:
         # img2dataset parallelises inside a call (processes x threads), so calls go one at a time
         for name in sources:

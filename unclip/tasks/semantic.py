@@ -26,7 +26,10 @@ from unclip.tasks.common import Progress, read_routed, route_by_batch
 from unclip.tasks.embed import DIGEST_KEY
 from unclip.tasks.filter import SHARD_RESULT_SCHEMA, keys_digest, shard_file
 
-CELLS_PER_GROUP = 16
+# A near-dedup task loads its cell group whole: 4 cells of ~cluster_size rows (100,000 x 2 KiB of
+# float16 embedding each in the paper config: ~0.8 GB)
+CELLS_PER_GROUP = 4
+FLUSH_ROWS = 200_000
 CELL_COLUMNS = ["uid", "url", "source", "source_rank", "shard", "batch", "cell", "image_emb"]
 
 
@@ -79,7 +82,17 @@ def score_and_assign(batch: int, shards: list[dict], work: str, cfg: SemanticFil
     """Threshold on clip_score; write survivors (with their cell) for the near-duplicate search."""
     cents = _load_centroids(centroids)
     groups: dict[int, list[pa.Table]] = {}
-    survivors = 0
+    survivors, held, part = 0, 0, 0
+
+    def flush() -> None:
+        # bounded memory: a batch of 256 shards of 10,000 rows would otherwise hold ~5 GB of embeddings
+        nonlocal held, part
+        for g, tables in groups.items():
+            storage.write_parquet(storage.join(work, "cells", f"group={g}", f"batch-{batch:06d}-{part:04d}.parquet"),
+                                  pa.concat_tables(tables).select(CELL_COLUMNS))
+        groups.clear()
+        held, part = 0, part + 1
+
     for s in shards:
         t = storage.read_parquet(s["embeddings"], columns=["key", "uid", "url", "source", "clip_score", "image_emb"])
         low = filters.clip_score_drops(t, cfg.min_clip_score)
@@ -105,11 +118,12 @@ def score_and_assign(batch: int, shards: list[dict], work: str, cfg: SemanticFil
             group = cell // CELLS_PER_GROUP
             for g in np.unique(group):
                 groups.setdefault(int(g), []).append(keep.filter(pa.array(group == g)))
+            held += keep.num_rows
+            if held >= FLUSH_ROWS:
+                flush()
         if progress:
             progress.advance()
-    for g, tables in groups.items():
-        storage.write_parquet(storage.join(work, "cells", f"group={g}", f"batch-{batch:06d}.parquet"),
-                              pa.concat_tables(tables).select(CELL_COLUMNS))
+    flush()
     return survivors
 
 
