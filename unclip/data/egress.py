@@ -194,25 +194,23 @@ def _connect(conn: http.client.HTTPConnection, limits: _Limits, deadline: float,
     raise last_err
 
 
-class _GuardedHTTPConnection(http.client.HTTPConnection):
+class _GuardedConnectionMixin:
+    """Carries the limits and the deadline into the connection and its response class."""
+
     def __init__(self, host, *, limits: _Limits, deadline: float, where: str, **kwargs):
         super().__init__(host, **kwargs)
         self._limits, self._deadline, self._where = limits, deadline, where
         self.response_class = functools.partial(
             _GuardedResponse, per_op=_per_op(self.timeout), deadline=deadline, limits=limits)
 
+
+class _GuardedHTTPConnection(_GuardedConnectionMixin, http.client.HTTPConnection):
     def connect(self) -> None:
         sys.audit("http.client.connect", self, self.host, self.port)
         self.sock = _connect(self, self._limits, self._deadline, self._where)
 
 
-class _GuardedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, host, *, limits: _Limits, deadline: float, where: str, **kwargs):
-        super().__init__(host, **kwargs)
-        self._limits, self._deadline, self._where = limits, deadline, where
-        self.response_class = functools.partial(
-            _GuardedResponse, per_op=_per_op(self.timeout), deadline=deadline, limits=limits)
-
+class _GuardedHTTPSConnection(_GuardedConnectionMixin, http.client.HTTPSConnection):
     def connect(self) -> None:
         sys.audit("http.client.connect", self, self.host, self.port)
         sock = _connect(self, self._limits, self._deadline, self._where)
