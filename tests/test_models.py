@@ -62,3 +62,18 @@ def test_prefect_yaml_entrypoints_are_flows():
 @pytest.mark.parametrize("name", ["unclip-tiny", "unclip-ViT-H-16-256"])
 def test_project_architectures_are_registered(name):
     assert name in clip.known_architectures()
+
+
+def test_checkpoint_weights_load_through_the_config(tmp_path):
+    seeded, preprocess, tokenizer = clip.load_clip(ClipModelConfig(arch="unclip-tiny", seed=3))
+    path = tmp_path / "clip.pt"
+    torch.save(seeded.state_dict(), path)
+    loaded, _, _ = clip.load_clip(ClipModelConfig(arch="unclip-tiny", checkpoint=str(path)))
+    other, _, _ = clip.load_clip(ClipModelConfig(arch="unclip-tiny", seed=4))
+    from PIL import Image
+
+    img = preprocess(Image.new("RGB", (64, 64), (10, 200, 30))).unsqueeze(0)
+    txt = tokenizer(["a green circle"])
+    cpu = torch.device("cpu")
+    a, b, c = (clip.encode_batch(m, img, txt, cpu)[0] for m in (seeded, loaded, other))
+    assert (a == b).all() and not (a == c).all()
