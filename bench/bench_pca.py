@@ -39,8 +39,10 @@ DIM = 1024
 N_COMPONENTS = 319
 BATCH_ROWS = 65_536
 # Changing how the data are made invalidates an existing data dir (checked against spec.json).
-SPEC = {"version": 1, "rows_per_file": ROWS_PER_FILE, "dim": DIM, "spectrum_power": 1.5,
-        "dtype": "float16", "compression": "zstd", "use_dictionary": False}
+# Written like the embed stage writes embeddings (unclip.data.clip.EMBEDDING_PARQUET_OPTIONS: the
+# embedding columns uncompressed, no dictionary).
+SPEC = {"version": 2, "rows_per_file": ROWS_PER_FILE, "dim": DIM, "spectrum_power": 1.5,
+        "dtype": "float16", "compression": "none", "use_dictionary": False}
 
 
 # ------------------------------------------------------------------------------------------ data
