@@ -99,6 +99,14 @@ def test_preflight_missing_column(tmp_path):
         check_config(cfg, ("ingest",))
 
 
+def test_preflight_refuses_distributors_the_url_policy_does_not_reach(tmp_path):
+    cfg = _config_with_list(tmp_path, {"url": ["http://a/b.jpg"], "text": ["x"]})
+    d = cfg.model_dump(mode="json")
+    d["ingest"]["distributor"] = "ray"
+    with pytest.raises(ConfigError, match="ingest.distributor: 'ray' is not supported yet"):
+        check_config(parse_config(d), ("ingest",))
+
+
 def test_preflight_unknown_architecture(tmp_path):
     cfg = _config_with_list(tmp_path, {"url": ["http://a/b.jpg"], "text": ["x"]})
     check_config(cfg, ("ingest", "embed"))  # the shipped demo model is registered

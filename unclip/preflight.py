@@ -30,6 +30,11 @@ def check_config(config: RunConfig, stages: tuple[str, ...]) -> None:
     from unclip.data import inputs
 
     if "ingest" in stages:
+        if config.ingest.distributor != "multiprocessing":
+            # the egress policy reaches img2dataset's workers through the environment of the processes
+            # it spawns; Ray and Spark executors are started elsewhere and would download unguarded
+            raise ConfigError(f"ingest.distributor: {config.ingest.distributor!r} is not supported yet: the URL "
+                              "policy is enforced only in img2dataset's multiprocessing workers")
         found = []
         for i, source in enumerate(config.sources):
             try:
