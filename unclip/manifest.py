@@ -14,7 +14,6 @@ import functools
 import hashlib
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 
@@ -105,8 +104,3 @@ def relative(workdir: str, uri: str) -> str:
     w = workdir.rstrip("/") + "/"
     return uri[len(w):] if uri.startswith(w) else uri
 
-
-def to_jsonable(obj: Any) -> Any:
-    if hasattr(obj, "model_dump"):
-        return obj.model_dump(mode="json")
-    return obj

@@ -9,7 +9,6 @@ copy+delete that happens only after the temporary object is complete.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import posixpath
@@ -18,6 +17,7 @@ from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 
@@ -133,6 +133,15 @@ def read_parquet(uri: str, columns: list[str] | None = None, **kwargs: Any) -> p
     return pq.read_table(p, columns=columns, filesystem=fs, **kwargs)
 
 
+def parquet_dataset(uri: str | list[str]) -> ds.Dataset:
+    """An Arrow dataset over a folder, a file or a list of files (one filesystem), for filtered and
+    column-projected reads that do not load whole files."""
+    uris = [uri] if isinstance(uri, str) else list(uri)
+    fs, _ = fs_and_path(uris[0])
+    paths = [fs_and_path(u)[1] for u in uris]
+    return ds.dataset(paths[0] if isinstance(uri, str) else paths, format="parquet", filesystem=fs)
+
+
 def parquet_rows(uri: str) -> int:
     fs, p = fs_and_path(uri)
     with fs.open(p, "rb") as f:
@@ -153,8 +162,3 @@ def file_checksum(uri: str, chunk: int = 1 << 20) -> str:
             h.update(b)
     return h.hexdigest()
 
-
-def table_to_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()

@@ -14,7 +14,6 @@ any network access; name resolution and redirects are checked later, inside the 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import posixpath
 import re
 from typing import Iterator
@@ -207,10 +206,3 @@ def _empty_partition(source: SourceConfig) -> pa.Table:
     fields += [pa.field(c, pa.string()) for c in source.extra_cols]
     return pa.schema(fields).empty_table()
 
-
-def digest(lines: list[str]) -> str:
-    h = hashlib.sha256()
-    for line in lines:
-        h.update(line.encode())
-        h.update(b"\n")
-    return h.hexdigest()

@@ -9,7 +9,6 @@ import threading
 from typing import Iterable, Iterator, Sequence, TypeVar
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 from prefect import get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -81,9 +80,7 @@ def count_reasons(uris: Iterable[str]) -> dict[str, int]:
     uris = [u for u in uris]
     if not uris:
         return {}
-    fs, _ = storage.fs_and_path(uris[0])
-    paths = [storage.fs_and_path(u)[1] for u in uris]
-    table = ds.dataset(paths, format="parquet", filesystem=fs).to_table(columns=["reason"])
+    table = storage.parquet_dataset(uris).to_table(columns=["reason"])
     if table.num_rows == 0:
         return {}
     agg = table.group_by("reason").aggregate([("reason", "count")])
@@ -124,5 +121,4 @@ def read_routed(work: str, area: str, batch: int, schema: pa.Schema) -> pa.Table
     folder = storage.join(work, area, f"batch={batch}")
     if not storage.exists(folder):
         return schema.empty_table()
-    fs, p = storage.fs_and_path(folder)
-    return ds.dataset(p, format="parquet", filesystem=fs).to_table()
+    return storage.parquet_dataset(folder).to_table()

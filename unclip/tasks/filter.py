@@ -14,7 +14,6 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -46,11 +45,6 @@ def shard_file(workdir: str, area: str, shard: str, ext: str = ".parquet") -> st
 
 def keys_digest(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
-
-
-def _fs_dataset(uri: str, **kw) -> ds.Dataset:
-    fs, p = storage.fs_and_path(uri)
-    return ds.dataset(p, format="parquet", filesystem=fs, **kw)
 
 
 HASH_COLUMNS = ["uid", "url", "source", "source_rank", "shard", "sha256", "batch"]
@@ -94,7 +88,7 @@ def dedup_group(group: int, work: str) -> int:
     folder = storage.join(work, "hashes", f"group={group}")
     if not storage.exists(folder):
         return 0
-    rows = _fs_dataset(folder).to_table(columns=HASH_COLUMNS)
+    rows = storage.parquet_dataset(folder).to_table(columns=HASH_COLUMNS)
     dups = filters.exact_duplicates(rows.drop_columns(["batch"]))
     if dups.num_rows == 0:
         return 0

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from unclip import drops, storage
+from unclip import drops, manifest, storage
 from unclip.config import IngestConfig, SourceConfig
 from unclip.data import egress, inputs
 from unclip.data.url_policy import UrlPolicy
@@ -199,7 +199,7 @@ def _summarise_partition(part: dict, out: str, workdir: str, shard_ids: range) -
                            zip(failed.column("status").to_pylist(), failed.column("error_message").to_pylist())],
                 "detail": failed.column("error_message").to_pylist(),
             }))
-        shards.append({"shard": _relative(workdir, base), "tar": base + ".tar", "status": base + ".parquet",
+        shards.append({"shard": manifest.relative(workdir, base), "tar": base + ".tar", "status": base + ".parquet",
                        "rows": status.num_rows, "ok": int(pc.sum(ok).as_py() or 0),
                        "tar_sha256": storage.file_checksum(base + ".tar"),
                        "content_sha256": _content_checksum(status.filter(ok))})
@@ -215,11 +215,6 @@ def _content_checksum(ok: pa.Table) -> str:
     for key, sha, caption in sorted(zip(*(ok.column(c).to_pylist() for c in ("key", "sha256", "caption")))):
         h.update(f"{key}\t{sha}\t{caption}\n".encode())
     return h.hexdigest()
-
-
-def _relative(workdir: str, uri: str) -> str:
-    w = workdir.rstrip("/") + "/"
-    return uri[len(w):] if uri.startswith(w) else uri
 
 
 @task(name="index-shards", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)

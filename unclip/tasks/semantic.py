@@ -15,7 +15,6 @@ import math
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -131,8 +130,7 @@ def score_and_assign(batch: int, shards: list[dict], work: str, cfg: SemanticFil
       retries=2, retry_delay_seconds=5)
 def near_dedup_group(group: int, work: str, threshold: float) -> int:
     """Greedy keep-first near-duplicate search inside each cell of a cell group."""
-    fs, p = storage.fs_and_path(storage.join(work, "cells", f"group={group}"))
-    rows = ds.dataset(p, format="parquet", filesystem=fs).to_table()
+    rows = storage.parquet_dataset(storage.join(work, "cells", f"group={group}")).to_table()
     found = []
     for cell in np.unique(rows.column("cell").to_numpy()):
         c = rows.filter(pc.equal(rows.column("cell"), cell)).sort_by([("source_rank", "ascending"),
