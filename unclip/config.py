@@ -198,6 +198,17 @@ class PcaConfig(_Strict):
     max_rows: int = Field(1_000_000, ge=2, description="At most this many rows (sampled uniformly) are fitted.")
     batch_rows: int = Field(65_536, ge=1, description="Rows per streaming batch; bounds memory with the dimension.")
     seed: int = 0
+    refit_min_change: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="Refit only when the kept set changed by more than this fraction of the rows the current "
+        "PCA was fitted on (rows in new, changed or removed shards); 0 refits on any change.",
+    )
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="Ray cluster address (ray://host:10001 or 'auto'); "
+                                "None starts a local Ray.")
+    num_cpus_per_task: float = Field(1.0, gt=0, description="CPUs Ray reserves for one shard task run.")
 
 
 class OrchestrationConfig(_Strict):
@@ -205,6 +216,42 @@ class OrchestrationConfig(_Strict):
         256, ge=1, description="Shards handled by one Prefect task run in the filter stages (bounds task-run count)."
     )
     max_parallel_tasks: int = Field(2, ge=1, description="Task runs in flight at once in the shard stages.")
+    task_runner: Literal["thread", "process", "ray"] = Field(
+        "thread", description="Where the shard stages' task runs execute: a local thread pool, a local process "
+        "pool, or Ray through prefect-ray (see `ray`).",
+    )
+    ray: RayConfig = RayConfig()
+
+
+class LaunchConfig(_Strict):
+    """How a training stage is launched under torch.distributed (``torchrun``)."""
+
+    nnodes: int = Field(1, ge=1, description="Machines taking part.")
+    nproc_per_node: int = Field(1, ge=1, description="Processes per machine (one per GPU; any number on CPU).")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="DDP replicates the model; FSDP shards it.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="'auto': nccl on GPUs, gloo on CPU.")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous for nnodes > 1.")
+    gpu_slots: int = Field(1, ge=1, description="Slots of the 'gpu' concurrency tag a training task occupies.")
+
+    @model_validator(mode="after")
+    def _multi_node(self) -> "LaunchConfig":
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("rdzv_endpoint (host:port) is needed when nnodes > 1")
+        return self
+
+
+class TrainConfig(_Strict):
+    """The training stages (the training issues add their own sections)."""
+
+    launch: LaunchConfig = LaunchConfig()
+
+
+class CatalogConfig(_Strict):
+    """Where released dataset versions and training runs are listed."""
+
+    uri: str | None = Field(None, description="Catalog location (path or fsspec URI); default <workdir>/catalog.")
+    keep_versions: int = Field(
+        10, ge=1, description="Dataset versions whose files are kept; files only older versions use are removed.")
 
 
 class RunConfig(_Strict):
@@ -218,6 +265,8 @@ class RunConfig(_Strict):
     semantic_filter: SemanticFilterConfig = SemanticFilterConfig()
     pca: PcaConfig = PcaConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    train: TrainConfig = TrainConfig()
+    catalog: CatalogConfig = CatalogConfig()
 
     @model_validator(mode="after")
     def _unique_sources(self) -> "RunConfig":

@@ -1,0 +1,218 @@
+"""A local Prefect server, work pool, deployments and worker, as child processes.
+
+``unclip server`` runs these in the foreground; the deployment tests and the orchestration benchmark
+use the same code. The server listens on 127.0.0.1 only and keeps its SQLite database (and its
+logs) under one folder, normally ``<workdir>/prefect``, so that a workdir carries its own run
+history. Everything here talks to Prefect through its CLI and REST API, exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFECT = [sys.executable, "-m", "prefect"]
+POOL = "unclip-process"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def quiet_env(**extra: str) -> dict[str, str]:
+    """The environment of every Prefect child: no analytics, no update checks, no trackers."""
+    env = dict(os.environ)
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled",
+               TOKENIZERS_PARALLELISM="false", PREFECT_UI_ENABLED=env.get("PREFECT_UI_ENABLED", "true"))
+    env.update(extra)
+    return env
+
+
+def _sigterm_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+class PrefectServer:
+    """``prefect server start`` on ``host:port`` with its database under ``home``.
+
+    ``auth`` ("user:password") turns on Prefect's own basic auth (``PREFECT_SERVER_API_AUTH_STRING``
+    on the server, ``PREFECT_API_AUTH_STRING`` for clients, which :meth:`client_env` sets).
+    """
+
+    def __init__(self, home: str | Path, host: str = "127.0.0.1", port: int = 0, auth: str | None = None,
+                 start_timeout_s: float = 120.0) -> None:
+        self.home = Path(home).resolve()
+        self.host = host
+        self.port = port or free_port(host)
+        self.auth = auth
+        self.start_timeout_s = start_timeout_s
+        self.proc: subprocess.Popen | None = None
+        self.children: list[subprocess.Popen] = []
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def database(self) -> Path:
+        return self.home / "prefect.db"
+
+    def client_env(self, **extra: str) -> dict[str, str]:
+        """Environment for a process that talks to this server (CLI, worker, flow runs)."""
+        env = quiet_env(PREFECT_API_URL=self.api_url, PREFECT_HOME=str(self.home), **extra)
+        if self.auth:
+            env["PREFECT_API_AUTH_STRING"] = self.auth
+        return env
+
+    def start(self) -> "PrefectServer":
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = self.client_env(PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{self.database}",
+                              PREFECT_SERVER_API_HOST=self.host, PREFECT_SERVER_API_PORT=str(self.port))
+        env.pop("PREFECT_API_URL")
+        if self.auth:
+            env["PREFECT_SERVER_API_AUTH_STRING"] = self.auth
+        log = open(self.home / "server.log", "ab")
+        self.proc = subprocess.Popen([*PREFECT, "server", "start", "--host", self.host, "--port", str(self.port)],
+                                     env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self._wait_healthy()
+        self._write_state()
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                tail = (self.home / "server.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"prefect server exited with code {self.proc.returncode}:\n{tail}")
+            with contextlib.suppress(OSError, ValueError):
+                if self.get("/health") is True:
+                    return
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"prefect server on {self.api_url} not healthy after {self.start_timeout_s:.0f} s")
+
+    def _write_state(self) -> None:
+        state = {"api_url": self.api_url, "ui_url": self.ui_url, "pid": self.proc.pid if self.proc else None,
+                 "database": str(self.database)}
+        (self.home / "server.json").write_text(json.dumps(state, indent=2))
+
+    # -- REST --------------------------------------------------------------------------------------
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 30.0):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.api_url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        if self.auth:
+            req.add_header("Authorization", "Basic " + b64encode(self.auth.encode()).decode())
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def post(self, path: str, body: dict | None = None):
+        return self.request("POST", path, body or {})
+
+    # -- pool, deployments, worker -------------------------------------------------------------------
+    def cli(self, *args: str, cwd: str | Path = ROOT, timeout: float = 300.0, **env: str) -> str:
+        """Run ``prefect <args>`` against this server; raise with its output when it fails."""
+        res = subprocess.run([*PREFECT, "--no-prompt", *args], cwd=cwd, env=self.client_env(**env),
+                             capture_output=True, text=True, timeout=timeout)
+        if res.returncode != 0:
+            raise RuntimeError(f"`prefect {' '.join(args)}` failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res.stdout
+
+    def ensure_pool(self, name: str = POOL, kind: str = "process") -> None:
+        try:
+            self.get(f"/work_pools/{name}")
+        except urllib.error.HTTPError as err:
+            if err.code != 404:
+                raise
+            self.cli("work-pool", "create", name, "--type", kind)
+
+    def deploy_all(self, project: str | Path = ROOT) -> list[dict]:
+        """``prefect deploy --all`` from the project root (its prefect.yaml); the deployments back."""
+        self.cli("deploy", "--all", cwd=project, UNCLIP_REPO=str(Path(project).resolve()))
+        return self.post("/deployments/filter", {"limit": 200})
+
+    def start_worker(self, pool: str = POOL, limit: int | None = None, **env: str) -> subprocess.Popen:
+        """A process worker on ``pool``; flow runs it starts inherit ``env`` (and the repo location)."""
+        args = [*PREFECT, "worker", "start", "--pool", pool, "--type", "process"]
+        if limit:
+            args += ["--limit", str(limit)]
+        log = open(self.home / f"worker-{pool}.log", "ab")
+        worker_env = self.client_env(UNCLIP_REPO=str(ROOT), PYTHONUNBUFFERED="1", **env)
+        proc = subprocess.Popen(args, cwd=ROOT, env=worker_env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        log.close()
+        self.children.append(proc)
+        return proc
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process and its children (uvicorn, services)."""
+        if self.proc is None:
+            return 0
+        return _tree_rss(self.proc.pid)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            _sigterm_group(child)
+        self.children.clear()
+        if self.proc is not None:
+            _sigterm_group(self.proc)
+            self.proc = None
+        with contextlib.suppress(FileNotFoundError):
+            (self.home / "server.json").unlink()
+
+    def __enter__(self) -> "PrefectServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _tree_rss(pid: int) -> int:
+    """Sum of VmRSS over ``pid`` and its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(p.name))
+    total, todo = 0, [pid]
+    while todo:
+        q = todo.pop()
+        todo += children.get(q, [])
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{q}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
