@@ -8,6 +8,10 @@ this process is started with (see ``unclip.data.egress.worker_env``). The child 
 to kill it when its parent dies, so a killed run leaves no orphan writing into the shard folder
 while the resumed run works there.
 
+With ``ingest.distributor: ray`` this process joins the Ray cluster at ``ray_address`` (or starts a
+local Ray) as its own job, whose runtime_env carries the egress policy and a worker setup hook into
+every Ray worker (``unclip.data.egress.ray_runtime_env``), wherever it runs.
+
 img2dataset's own ``incremental`` mode makes the call resumable: shards whose ``_stats.json``
 exists are skipped, unfinished ones are downloaded again from scratch.
 """
@@ -30,10 +34,27 @@ def _die_with_parent() -> None:
         pass
 
 
+def _init_ray(spec: dict) -> None:
+    import ray
+
+    from unclip.config import IngestConfig
+    from unclip.data import egress
+
+    ingest = IngestConfig.model_validate(spec["ingest"])
+    kwargs = {"runtime_env": egress.ray_runtime_env(ingest), "include_dashboard": False,
+              "logging_level": "warning"}
+    if spec.get("ray_address"):
+        ray.init(address=spec["ray_address"], **kwargs)
+    else:
+        ray.init(num_cpus=ingest.processes, **kwargs)
+
+
 def run(spec: dict) -> None:
     import img2dataset
 
     ingest = spec["ingest"]
+    if ingest["distributor"] == "ray":
+        _init_ray(spec)
     img2dataset.download(
         url_list=spec["url_list"],
         input_format="parquet",

@@ -380,3 +380,33 @@ def worker_env(ingest_cfg: "IngestConfig", environ: Mapping[str, str] | None = N
         PIXELS_ENV: str(ingest_cfg.max_image_pixels),
         "PYTHONPATH": os.pathsep.join([WORKERBOOT_DIR, *rest]),
     }
+
+
+def ray_worker_setup() -> None:
+    """Ray's ``worker_process_setup_hook`` for img2dataset's ray distributor: every Ray worker of the
+    ingest job installs the policy from ``$UNCLIP_EGRESS_POLICY`` (carried by the job's runtime_env)
+    before it downloads anything. Fails closed: a policy that cannot be installed refuses every fetch."""
+    try:
+        if install_from_env() is None:
+            raise RuntimeError(f"${POLICY_ENV} is not set in this Ray worker")
+    except Exception as err:  # noqa: BLE001 -- the worker must not download unguarded
+        reason = f"{type(err).__name__}: {err}"
+        opener = urllib.request.OpenerDirector()
+        opener.add_handler(_RefuseAll(reason))
+        urllib.request.install_opener(opener)
+
+
+class _RefuseAll(urllib.request.BaseHandler):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def default_open(self, req):
+        raise urllib.error.URLError(f"egress policy unavailable, nothing is fetched: {self.reason}")
+
+
+def ray_runtime_env(ingest_cfg: "IngestConfig") -> dict:
+    """The runtime_env of the Ray job that runs img2dataset's ray distributor: the policy, the pixel
+    cap and the setup hook reach every worker process, on this machine or on a cluster."""
+    return {"env_vars": {POLICY_ENV: policy_json(ingest_cfg), PIXELS_ENV: str(ingest_cfg.max_image_pixels),
+                         "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"},
+            "worker_process_setup_hook": "unclip.data.egress.ray_worker_setup"}

@@ -18,10 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 from prefect import flow, get_run_logger
-from prefect.futures import wait
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.futures import as_completed, wait
 
-from unclip import manifest, storage
+from unclip import manifest, runners, storage
 from unclip.config import STAGES, RunConfig, stages_until
 from unclip.tasks import embed as embed_tasks
 from unclip.tasks import filter as filter_tasks
@@ -31,12 +30,22 @@ from unclip.tasks import semantic as semantic_tasks
 from unclip.tasks.common import Progress, batched, count_reasons, publish_counts, publish_markdown
 
 
+def run_name(stage: str):
+    """A flow-run name saying what runs on what: ``<stage>: <dataset name>``."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        cfg = flow_run.parameters.get("config")
+        dataset = getattr(cfg, "name", None) or (cfg.get("name") if isinstance(cfg, dict) else None) or "?"
+        return f"{stage}: {dataset}"
+
+    name.__name__ = f"name_{stage.replace('-', '_')}"
+    return name
+
+
 class AccountingError(RuntimeError):
     """A stage's rows in differ from its rows kept plus rows dropped: a row was lost or doubled."""
-
-
-def _runner(config: RunConfig) -> ThreadPoolTaskRunner:
-    return ThreadPoolTaskRunner(max_workers=config.orchestration.max_parallel_tasks)
 
 
 def _check_accounting(stage: str, rows_in: int, kept: int, reasons: dict[str, int]) -> None:
@@ -83,9 +92,15 @@ def _work_dir(workdir: str, stage: str) -> str:
     return storage.join(workdir, stage, "work", uuid.uuid4().hex[:12])
 
 
-def _run_batches(task, batches: list, *args, **kwargs) -> list:
-    futures = [task.submit(i, b, *args, **kwargs) for i, b in enumerate(batches)]
-    wait(futures)
+def _run_batches(config: RunConfig, task, batches: list, *args, progress: Progress | None = None) -> list:
+    """One task run per shard batch on the configured runner; progress advances as batches finish
+    (in this process: the runner may be a process pool or a Ray cluster)."""
+    with runners.task_options(config.orchestration):
+        futures = [task.submit(i, list(b), *args) for i, b in enumerate(batches)]
+    sizes = {f.task_run_id: len(b) for f, b in zip(futures, batches)}
+    for f in as_completed(futures):
+        if progress is not None:
+            progress.advance(sizes[f.task_run_id])
     return [f.result() for f in futures]
 
 
@@ -102,7 +117,7 @@ def _kept_and_drops(index: pa.Table) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-@flow(name="ingest", flow_run_name=lambda: "ingest")
+@flow(name="ingest", flow_run_name=run_name("ingest"))
 def ingest_flow(config: RunConfig, workdir: str) -> dict:
     """Partition each source's URL lists and download new partitions with img2dataset."""
     log = get_run_logger()
@@ -125,7 +140,8 @@ def ingest_flow(config: RunConfig, workdir: str) -> dict:
             for group in batched(mine, config.ingest.partitions_per_call):
                 label = f"{len(group)} partitions from {group[0]['partition_id']}"
                 done += ingest_tasks.download_partitions(name, label, list(group), workdir, config.ingest,
-                                                         sources[name].extra_cols, progress=prog)
+                                                         sources[name].extra_cols, progress=prog,
+                                                         ray_address=config.orchestration.ray.address)
     index_uri = ingest_tasks.write_shard_index(workdir, done, ranks)
     index = storage.read_parquet(index_uri)
     drop_files = [f["precheck_drops"] for f in files] + [storage.read_json(u)["download_drops"] for u in done]
@@ -149,7 +165,7 @@ def ingest_flow(config: RunConfig, workdir: str) -> dict:
     })
 
 
-@flow(name="basic_filter", flow_run_name=lambda: "basic-filter")
+@flow(name="basic_filter", flow_run_name=run_name("basic-filter"))
 def basic_filter_flow(config: RunConfig, workdir: str) -> dict:
     """Per-sample checks, then exact de-duplication by content hash across all shards."""
     cfg = config.basic_filter
@@ -160,11 +176,11 @@ def basic_filter_flow(config: RunConfig, workdir: str) -> dict:
     # a few bucket groups per parallel slot: balanced load without a task per bucket
     per_group = max(1, math.ceil(cfg.dedup_buckets / (config.orchestration.max_parallel_tasks * 4)))
     with Progress("basic-filter", len(shards), "basic filter: checking shards") as prog:
-        _run_batches(filter_tasks.check_batch, batches, work, cfg, per_group, progress=prog)
+        _run_batches(config, filter_tasks.check_batch, batches, work, cfg, per_group, progress=prog)
     dedup = [filter_tasks.dedup_group.submit(g, work) for g in range(math.ceil(cfg.dedup_buckets / per_group))]
     wait(dedup)
     n_dups = sum(f.result() for f in dedup)
-    result_uris = _run_batches(filter_tasks.finalize_batch, batches, work, workdir)
+    result_uris = _run_batches(config, filter_tasks.finalize_batch, batches, work, workdir)
     index, index_uri = _write_index(workdir, "basic_filter", result_uris, filter_tasks.SHARD_RESULT_SCHEMA)
     storage.remove(work, recursive=True)
     return _finish_stage(workdir, config, "basic_filter", {
@@ -178,7 +194,7 @@ def basic_filter_flow(config: RunConfig, workdir: str) -> dict:
     })
 
 
-@flow(name="embed", flow_run_name=lambda: "embed")
+@flow(name="embed", flow_run_name=run_name("embed"))
 def embed_flow(config: RunConfig, workdir: str) -> dict:
     """open_clip image and text embeddings of every row the basic filter kept, one Parquet per shard."""
     cfg = config.embed
@@ -204,7 +220,7 @@ def embed_flow(config: RunConfig, workdir: str) -> dict:
     })
 
 
-@flow(name="semantic_filter", flow_run_name=lambda: "semantic-filter")
+@flow(name="semantic_filter", flow_run_name=run_name("semantic-filter"))
 def semantic_filter_flow(config: RunConfig, workdir: str) -> dict:
     """CLIP-score threshold and near-duplicate removal (faiss); writes the final embeddings Parquet."""
     cfg = config.semantic_filter
@@ -215,14 +231,15 @@ def semantic_filter_flow(config: RunConfig, workdir: str) -> dict:
     cells = semantic_tasks.n_cells(embedded["rows_kept"], cfg)
     centroids = semantic_tasks.train_centroids([s["embeddings"] for s in shards if s["rows"]], cells, work)
     with Progress("semantic-filter", len(shards), "semantic filter: shards") as prog:
-        survivors = sum(_run_batches(semantic_tasks.score_and_assign, batches, work, cfg, centroids, progress=prog))
+        survivors = sum(_run_batches(config, semantic_tasks.score_and_assign, batches, work, cfg, centroids,
+                                     progress=prog))
     n_near = 0
     if cfg.near_dup is not None and survivors:
         groups = sorted(int(p.rsplit("=", 1)[1]) for p in storage.listdir(storage.join(work, "cells")))
         futs = [semantic_tasks.near_dedup_group.submit(g, work, cfg.near_dup.threshold) for g in groups]
         wait(futs)
         n_near = sum(f.result() for f in futs)
-    result_uris = _run_batches(semantic_tasks.finalize_batch, batches, work, workdir)
+    result_uris = _run_batches(config, semantic_tasks.finalize_batch, batches, work, workdir)
     index, index_uri = _write_index(workdir, "embeddings", result_uris, filter_tasks.SHARD_RESULT_SCHEMA)
     storage.remove(work, recursive=True)
     return _finish_stage(workdir, config, "semantic_filter", {
@@ -237,7 +254,7 @@ def semantic_filter_flow(config: RunConfig, workdir: str) -> dict:
     })
 
 
-@flow(name="pca", flow_run_name=lambda: "pca")
+@flow(name="pca", flow_run_name=run_name("pca"))
 def pca_flow(config: RunConfig, workdir: str) -> dict:
     """Fit the AR prior's PCA (319 of 1024) and 1024-bucket quantiser out-of-core; save it versioned."""
     final = manifest.stage(workdir, "semantic_filter")
@@ -267,13 +284,13 @@ SUBFLOWS: dict[str, Callable[..., dict]] = {
 assert tuple(SUBFLOWS) == STAGES
 
 
-@flow(name="data_pipeline", flow_run_name=lambda: "data-pipeline")
+@flow(name="data_pipeline", flow_run_name=run_name("data-pipeline"))
 def data_pipeline(config: RunConfig, workdir: str, until: str = "pca") -> dict:
     """Run the data stages in order, each as a subflow; stop after ``until``. Returns per-stage records."""
     workdir = storage.absolute(workdir)
     storage.makedirs(workdir)
     records = {}
     for stage in stages_until(until):
-        sub = SUBFLOWS[stage].with_options(task_runner=_runner(config))
+        sub = SUBFLOWS[stage].with_options(task_runner=runners.task_runner(config.orchestration))
         records[stage] = sub(config=config, workdir=workdir)
     return records

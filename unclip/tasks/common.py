@@ -39,6 +39,33 @@ def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[i : i + size]
 
 
+def describe_shards(shards: Sequence[dict]) -> str:
+    """A shard batch in words, e.g. ``clip/call-35ae12c8 00000-00015, dalle/call-9f0b11aa 00000-00003``:
+    per ingest call (source and call id), its first and last shard number."""
+    runs: list[list] = []
+    for s in shards:
+        *where, number = s["shard"].removeprefix("shards/").split("/")
+        where = "/".join(where)[: len("clip/call-") + 8] if where else s.get("source", "?")
+        if runs and runs[-1][0] == where:
+            runs[-1][2] = number
+        else:
+            runs.append([where, number, number])
+    return ", ".join(f"{w} {a}" if a == b else f"{w} {a}-{b}" for w, a, b in runs) or "no shards"
+
+
+def batch_run_name(verb: str):
+    """A ``task_run_name`` for a task taking ``shards``: what it does and to which shards."""
+
+    def name() -> str:
+        from prefect.runtime import task_run
+
+        params = task_run.parameters
+        return f"{verb}: {describe_shards(params.get('shards') or [])}"
+
+    name.__name__ = f"name_{artifact_key(verb).replace('-', '_')}"
+    return name
+
+
 class Progress:
     """A stage's progress, shown both as a tqdm bar on the terminal and as a Prefect progress
     artifact in the UI. Thread-safe: shard tasks report from the task runner's threads."""

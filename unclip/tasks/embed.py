@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from unclip import drops, storage
 from unclip.config import EmbedConfig
 from unclip.data import clip
-from unclip.tasks.common import Progress, in_prefect_run
+from unclip.tasks.common import Progress, batch_run_name, in_prefect_run
 from unclip.tasks.filter import shard_file
 
 DIGEST_KEY = b"unclip.kept_digest"
@@ -87,7 +87,7 @@ def _write_shard(uri: str, drops_uri: str, kept: pa.Table, parts: dict[str, list
     return table.num_rows
 
 
-@task(name="embed-shards", task_run_name="embed: batch {batch}", cache_policy=NO_CACHE,
+@task(name="embed-shards", task_run_name=batch_run_name("embed"), cache_policy=NO_CACHE,
       retries=1, retry_delay_seconds=5)
 def embed_batch(batch: int, shards: list[dict], workdir: str, cfg: EmbedConfig,
                 progress: Progress | None = None) -> str:

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from unclip import storage
 from unclip.config import BasicFilterConfig
 from unclip.data import filters
-from unclip.tasks.common import Progress, read_routed, route_by_batch
+from unclip.tasks.common import batch_run_name, read_routed, route_by_batch
 from unclip.tasks.ingest import STATUS_COLUMNS
 
 SHARD_RESULT_SCHEMA = pa.schema(
@@ -50,10 +50,9 @@ def keys_digest(keys: list[str]) -> str:
 HASH_COLUMNS = ["uid", "url", "source", "source_rank", "shard", "sha256", "batch"]
 
 
-@task(name="basic-checks", task_run_name="basic checks: batch {batch}", cache_policy=NO_CACHE,
+@task(name="basic-checks", task_run_name=batch_run_name("basic checks"), cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=5)
-def check_batch(batch: int, shards: list[dict], work: str, cfg: BasicFilterConfig, buckets_per_group: int,
-                progress: Progress | None = None) -> int:
+def check_batch(batch: int, shards: list[dict], work: str, cfg: BasicFilterConfig, buckets_per_group: int) -> int:
     """Per-sample checks on a batch of shards; writes candidates and drops to the work folder.
 
     Also writes the candidates' hashes shuffled by bucket group (``hashes/group=<g>/batch-<b>``), so
@@ -70,8 +69,6 @@ def check_batch(batch: int, shards: list[dict], work: str, cfg: BasicFilterConfi
         storage.write_parquet(shard_file(work, "check_drops", s["shard"]), drop)
         slim.append(cand.select(HASH_COLUMNS + ["bucket"]))
         n += cand.num_rows
-        if progress:
-            progress.advance()
     if slim:
         hashes = pa.concat_tables(slim)
         group = hashes.column("bucket").to_numpy() // buckets_per_group
@@ -98,7 +95,7 @@ def dedup_group(group: int, work: str) -> int:
     return dups.num_rows
 
 
-@task(name="basic-finalize", task_run_name="basic filter results: batch {batch}", cache_policy=NO_CACHE,
+@task(name="basic-finalize", task_run_name=batch_run_name("basic filter results"), cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=5)
 def finalize_batch(batch: int, shards: list[dict], work: str, workdir: str) -> str:
     """Write each shard's kept rows and drop records; return the batch's result file."""

@@ -97,7 +97,8 @@ def call_id(parts: list[dict]) -> str:
     retry_delay_seconds=[10, 60],
 )
 def download_partitions(source: str, label: str, parts: list[dict], workdir: str, ingest: IngestConfig,
-                        extra_cols: tuple[str, ...], progress: Progress | None = None) -> list[str]:
+                        extra_cols: tuple[str, ...], progress: Progress | None = None,
+                        ray_address: str | None = None) -> list[str]:
     """Download a group of one source's partitions in ONE img2dataset call and record their shards.
 
     One call per group, not per partition: an img2dataset call pays several seconds of process
@@ -116,7 +117,8 @@ def download_partitions(source: str, label: str, parts: list[dict], workdir: str
         first_shard += n
     if with_rows:
         inputs_dir = _stage_call_inputs(with_rows, storage.join(workdir, "ingest", source, "calls", cid))
-        _run_img2dataset(inputs_dir, out, f"{source}/{cid}", workdir, ingest, extra_cols, first_shard, progress)
+        _run_img2dataset(inputs_dir, out, f"{source}/{cid}", workdir, ingest, extra_cols, first_shard, progress,
+                         ray_address)
     for p in pending:
         record = _summarise_partition(p, out, workdir, ranges.get(p["partition_id"], range(0)))
         storage.write_json(done_uri(workdir, p), record)
@@ -140,9 +142,10 @@ def _stage_call_inputs(parts: list[dict], call_dir: str) -> str:
 
 
 def _run_img2dataset(inputs_dir: str, out: str, name: str, workdir: str, ingest: IngestConfig,
-                     extra_cols: tuple[str, ...], n_shards: int, progress: Progress | None) -> None:
+                     extra_cols: tuple[str, ...], n_shards: int, progress: Progress | None,
+                     ray_address: str | None = None) -> None:
     spec = {"url_list": inputs_dir, "output_folder": out, "extra_cols": list(extra_cols),
-            "ingest": ingest.model_dump(mode="json")}
+            "ingest": ingest.model_dump(mode="json"), "ray_address": ray_address}
     env = {**os.environ, **egress.worker_env(ingest), "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
     log_dir = storage.join(workdir, "logs", "ingest") if storage.is_local(workdir) else tempfile.mkdtemp()
     log_path = os.path.join(log_dir, name.replace("/", "-") + ".log")

@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from unclip import drops, storage
 from unclip.config import SemanticFilterConfig
 from unclip.data import clip, filters
-from unclip.tasks.common import Progress, read_routed, route_by_batch
+from unclip.tasks.common import batch_run_name, read_routed, route_by_batch
 from unclip.tasks.embed import DIGEST_KEY
 from unclip.tasks.filter import SHARD_RESULT_SCHEMA, keys_digest, shard_file
 
@@ -74,10 +74,10 @@ def _load_centroids(uri: str | None) -> np.ndarray | None:
     return np.load(io.BytesIO(storage.read_bytes(uri)))
 
 
-@task(name="score-and-assign", task_run_name="clip score + cells: batch {batch}", cache_policy=NO_CACHE,
+@task(name="score-and-assign", task_run_name=batch_run_name("clip score + cells"), cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=5)
 def score_and_assign(batch: int, shards: list[dict], work: str, cfg: SemanticFilterConfig,
-                     centroids: str | None, progress: Progress | None = None) -> int:
+                     centroids: str | None) -> int:
     """Threshold on clip_score; write survivors (with their cell) for the near-duplicate search."""
     cents = _load_centroids(centroids)
     groups: dict[int, list[pa.Table]] = {}
@@ -120,8 +120,6 @@ def score_and_assign(batch: int, shards: list[dict], work: str, cfg: SemanticFil
             held += keep.num_rows
             if held >= FLUSH_ROWS:
                 flush()
-        if progress:
-            progress.advance()
     flush()
     return survivors
 
@@ -156,7 +154,7 @@ def near_dedup_group(group: int, work: str, threshold: float) -> int:
     return dups.num_rows
 
 
-@task(name="semantic-finalize", task_run_name="final embeddings: batch {batch}", cache_policy=NO_CACHE,
+@task(name="semantic-finalize", task_run_name=batch_run_name("final embeddings"), cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=5)
 def finalize_batch(batch: int, shards: list[dict], work: str, workdir: str) -> str:
     """Write each shard's final embeddings (kept rows only) and its semantic-filter drops."""

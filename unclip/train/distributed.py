@@ -1,0 +1,205 @@
+"""Data-parallel training under torch.distributed: launching ``torchrun`` and the runtime inside it.
+
+The launch side builds the ``torchrun`` command from a ``LaunchConfig`` and runs it as a child process
+in its own process group, so a timeout or Ctrl-C stops the whole job and a failure surfaces as a
+``LaunchError`` carrying the exit code and the end of the log. The runtime side is what a training
+module calls once inside the job: ``init`` joins the process group (nccl on GPUs, gloo on CPU) and
+picks the device, ``wrap_model`` applies DDP or FSDP2 to a built model from outside (the models never
+import any of this), ``cleanup`` leaves the group. Run without ``torchrun`` (a notebook, a debugger)
+the same calls give a one-process context, no process group and an unwrapped model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterable, Iterator, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from unclip.config import LaunchConfig
+from unclip.prefect_server import _sigterm_group
+
+# torchrun gives its workers 30 s (its default --shutdown-timeout) between SIGTERM and SIGKILL; its
+# workers live in their own sessions, out of reach of our group kill, so torchrun must outlive them.
+_STOP_GRACE_S = 45.0
+_TAIL_LINES = 40
+
+
+class LaunchError(RuntimeError):
+    """A torchrun job that failed or timed out. ``returncode`` is None after a timeout."""
+
+    def __init__(self, message: str, returncode: int | None, log_tail: str) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.log_tail = log_tail
+
+
+def torchrun_command(launch: LaunchConfig, module: str, args: list[str]) -> list[str]:
+    """The ``torchrun`` command line that runs ``python -m module *args`` in every process.
+
+    One node uses ``--standalone`` (a rendezvous on a free local port). Several nodes meet at the c10d
+    rendezvous on ``rdzv_endpoint``, which assigns node ranks in arrival order: every node runs the
+    identical command (torchrun ignores ``--node-rank`` for c10d).
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run",
+           "--nnodes", str(launch.nnodes), "--nproc-per-node", str(launch.nproc_per_node)]
+    if launch.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", str(launch.rdzv_endpoint)]
+    return [*cmd, "-m", module, *args]
+
+
+def launch(
+    launch: LaunchConfig,
+    module: str,
+    args: list[str],
+    log_path: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float | None = None,
+) -> None:
+    """Run ``module`` under torchrun on this node and wait for it; raise ``LaunchError`` on failure.
+
+    stdout and stderr of torchrun and all its workers go to ``log_path`` (a local file, overwritten);
+    without one they go to a temporary file that is removed afterwards, and only a failure's tail is
+    kept, in the error. ``env`` is added to this process's environment. OMP_NUM_THREADS, unless set,
+    shares this machine's cores among the local processes, so they do not oversubscribe the CPU.
+    On timeout or KeyboardInterrupt the job is stopped (SIGTERM, which torchrun forwards to its
+    workers, then SIGKILL) before the exception propagates.
+    """
+    cmd = torchrun_command(launch, module, args)
+    child_env = {**os.environ, **(env or {})}
+    child_env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // launch.nproc_per_node)))
+    with _log_file(log_path) as (log, path):
+        proc = subprocess.Popen(cmd, env=child_env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            _sigterm_group(proc, _STOP_GRACE_S)
+            tail = _tail(path)
+            raise LaunchError(f"torchrun -m {module} timed out after {timeout_s:g} s and was stopped; "
+                              f"last lines of its log{_where(log_path)}:\n{tail}", None, tail) from None
+        except BaseException:
+            _sigterm_group(proc, _STOP_GRACE_S)
+            raise
+        if returncode != 0:
+            tail = _tail(path)
+            raise LaunchError(f"torchrun -m {module} failed with exit code {returncode}; "
+                              f"last lines of its log{_where(log_path)}:\n{tail}", returncode, tail)
+
+
+@contextlib.contextmanager
+def _log_file(log_path: str | None) -> Iterator[tuple[IO[bytes], Path]]:
+    if log_path is not None:
+        path = Path(log_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            yield f, path
+        return
+    with tempfile.NamedTemporaryFile(prefix="torchrun-", suffix=".log") as f:
+        yield f, Path(f.name)
+
+
+def _tail(path: Path, max_bytes: int = 16384) -> str:
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - max_bytes))
+        text = f.read().decode(errors="replace")
+    return "\n".join(text.splitlines()[-_TAIL_LINES:])
+
+
+def _where(log_path: str | None) -> str:
+    return f" ({log_path})" if log_path is not None else ""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the job: global rank, number of processes, rank on its node, device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def init(backend: Literal["auto", "gloo", "nccl"] = "auto") -> DistContext:
+    """Join the job's process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, ...).
+
+    'auto' is nccl when CUDA is available, else gloo. With CUDA each process takes the GPU of its
+    LOCAL_RANK. Outside torchrun no group is created: rank 0 of 1, and the other helpers here act
+    as their one-process identities.
+    """
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return DistContext(0, 1, 0, torch.device("cuda" if cuda else "cpu"))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise RuntimeError("backend 'nccl' needs CUDA, which this process does not see; use 'gloo' on CPU")
+    device = torch.device("cpu")
+    if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible: "
+                               "nproc_per_node must not exceed the GPUs per node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    # binding nccl to its device up front creates its communicator eagerly, not at the first collective
+    dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    return DistContext(rank, world_size, local_rank, device)
+
+
+def wrap_model(model: nn.Module, strategy: Literal["ddp", "fsdp"], ctx: DistContext,
+               blocks: Iterable[nn.Module] = ()) -> nn.Module:
+    """Move ``model`` to ``ctx.device`` and make it data parallel.
+
+    'ddp' returns a ``DistributedDataParallel`` wrapper (the model is its ``.module``): every process
+    holds all weights and gradients are averaged. 'fsdp' applies FSDP2 (``fully_shard``) in place and
+    returns the same module: parameters and gradients become DTensors sharded across processes.
+    Each module in ``blocks`` (e.g. the transformer layers) is sharded as its own unit first, so only
+    one block's full weights are gathered at a time; the rest of the model forms the root unit.
+    Without a process group the model is returned unwrapped.
+    """
+    model = model.to(ctx.device)
+    if not dist.is_initialized():
+        return model
+    if strategy == "ddp":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
+                                                   else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over all processes, as a new detached tensor (for logged metrics)."""
+    if not dist.is_initialized():
+        return tensor.detach()
+    out = tensor.detach().clone()
+    dist.all_reduce(out)  # SUM: gloo has no AVG
+    return out / dist.get_world_size()
+
+
+def is_main() -> bool:
+    """Whether this is global rank 0, the process that writes checkpoints, logs and outputs."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def cleanup() -> None:
+    """Leave the process group, if one was joined, so the process exits without warnings."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
