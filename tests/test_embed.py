@@ -42,7 +42,8 @@ def _shard(tmp_path) -> dict:
 def test_embed_batch_writes_sorted_embeddings_and_drops_undecodable_members(tmp_path):
     shard = _shard(tmp_path)
     cfg = EmbedConfig(model={"arch": "unclip-tiny", "seed": 0}, batch_size=2, num_workers=0, dtype="float32")
-    result = storage.read_parquet(embed_tasks.embed_batch.fn(0, [shard], str(tmp_path), cfg)).to_pylist()[0]
+    mid = embed_tasks.model_identity(cfg)
+    result = storage.read_parquet(embed_tasks.embed_batch.fn(0, [shard], str(tmp_path), cfg, mid)).to_pylist()[0]
     out = storage.read_parquet(result["embeddings"])
     assert out.column("key").to_pylist() == ["000000000", "000000002"] and result["rows"] == 2
     assert out.schema.field("image_emb").type == pa.list_(pa.float32(), 1024)
@@ -56,5 +57,12 @@ def test_embed_batch_writes_sorted_embeddings_and_drops_undecodable_members(tmp_
     np.testing.assert_allclose(out.column("clip_score").to_numpy()[0], s[0], atol=1e-5)
     # a second call finds the shard up to date (same kept digest) and leaves the file alone
     stamp = os.stat(result["embeddings"]).st_mtime_ns
-    again = storage.read_parquet(embed_tasks.embed_batch.fn(0, [shard], str(tmp_path), cfg)).to_pylist()[0]
+    again = storage.read_parquet(embed_tasks.embed_batch.fn(0, [shard], str(tmp_path), cfg, mid)).to_pylist()[0]
     assert again["rows"] == 2 and os.stat(result["embeddings"]).st_mtime_ns == stamp
+    # another model (here another seed) embeds the same rows again, and the digest says so
+    other = cfg.model_copy(update={"model": cfg.model.model_copy(update={"seed": 1})})
+    third = storage.read_parquet(embed_tasks.embed_batch.fn(0, [shard], str(tmp_path), other,
+                                                            embed_tasks.model_identity(other))).to_pylist()[0]
+    assert third["digest"] != again["digest"] and os.stat(result["embeddings"]).st_mtime_ns != stamp
+    assert not np.allclose(clip.to_numpy(storage.read_parquet(third["embeddings"]).column("image_emb"))[0],
+                           clip.to_numpy(out.column("image_emb"))[0])

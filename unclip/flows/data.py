@@ -201,11 +201,12 @@ def embed_flow(config: RunConfig, workdir: str) -> dict:
     filtered = manifest.stage(workdir, "basic_filter")
     shards = _read_index(filtered["outputs"]["shard_index"])
     batches = list(batched(shards, cfg.shards_per_task))
+    model_id = embed_tasks.model_identity(cfg)
     result_uris = []
     with Progress("embed", len(shards), "embed: shards") as prog:
         # one batch at a time: the model takes the whole machine (or its GPU)
         for i, b in enumerate(batches):
-            result_uris.append(embed_tasks.embed_batch(i, b, workdir, cfg, progress=prog))
+            result_uris.append(embed_tasks.embed_batch(i, list(b), workdir, cfg, model_id, progress=prog))
     index, index_uri = _write_index(workdir, "embed", result_uris, embed_tasks.EMBED_RESULT_SCHEMA)
     storage.remove(storage.join(workdir, "embed", "work"), recursive=True)
     return _finish_stage(workdir, config, "embed", {
@@ -214,7 +215,8 @@ def embed_flow(config: RunConfig, workdir: str) -> dict:
         "dataset_version": _versioned_shards(index, workdir),
         "outputs": {"shard_index": index_uri, "embeddings": storage.join(workdir, "embed", "candidates"),
                     "drops": storage.join(workdir, "drops", "embed")},
-        "metrics": {"model": cfg.model.arch, "weights": cfg.model.weights, "dtype": cfg.dtype,
+        "metrics": {"model": cfg.model.arch, "weights": cfg.model.weights, "model_identity": model_id,
+                    "dtype": cfg.dtype,
                     "random_init": cfg.model.seed is not None},
         "config": {"embed": cfg.model_dump(mode="json")},
     })
@@ -256,22 +258,57 @@ def semantic_filter_flow(config: RunConfig, workdir: str) -> dict:
 
 @flow(name="pca", flow_run_name=run_name("pca"))
 def pca_flow(config: RunConfig, workdir: str) -> dict:
-    """Fit the AR prior's PCA (319 of 1024) and 1024-bucket quantiser out-of-core; save it versioned."""
+    """Fit the AR prior's PCA (319 of 1024) and 1024-bucket quantiser out-of-core; save it versioned.
+
+    A refresh that changed the kept set by at most ``pca.refit_min_change`` (rows in new, changed or
+    removed shards over the rows the current PCA was fitted on) keeps the current PCA: its codes stay
+    valid for the priors already trained on them.
+    """
+    log = get_run_logger()
     final = manifest.stage(workdir, "semantic_filter")
-    shards = _read_index(final["outputs"]["shard_index"])
-    files = [(s["kept"], s["rows"]) for s in shards if s["rows"]]
-    fitted = pca_tasks.fit_pca(files, workdir, config.pca)
+    index = storage.read_parquet(final["outputs"]["shard_index"])
+    previous = manifest.load(workdir)["stages"].get("pca")
+    change = _kept_change_since(previous, index, config)
+    if change is not None and change <= config.pca.refit_min_change:
+        fitted = pca_tasks.load_fitted(previous["outputs"])
+        log.info("pca: kept set changed by %.4f <= %.4f since %s was fitted; keeping it", change,
+                 config.pca.refit_min_change, fitted["version"])
+    else:
+        shards = index.filter(pc.greater(index.column("rows"), 0))
+        files = list(zip(shards.column("kept").to_pylist(), shards.column("rows").to_pylist()))
+        fitted = pca_tasks.fit_pca(files, workdir, config.pca, shards.select(["shard", "digest", "rows"]))
     pca_tasks.publish_pca(fitted)
     return _finish_stage(workdir, config, "pca", {
         "rows_in": final["rows_kept"],
         "rows_kept": final["rows_kept"],
         "drops_by_reason": {},
         "dataset_version": final["dataset_version"],
-        "outputs": {"pca": fitted["uri"], "report": fitted["report_uri"], "plot": fitted["plot_uri"]},
+        "outputs": {"pca": fitted["uri"], "report": fitted["report_uri"], "plot": fitted["plot_uri"],
+                    "fit_shards": fitted["fit_shards_uri"]},
         "pca_version": fitted["version"],
-        "metrics": fitted["report"],
+        "metrics": {**fitted["report"], "refit": change is None or change > config.pca.refit_min_change,
+                    "kept_change_since_fit": change},
         "config": {"pca": config.pca.model_dump(mode="json")},
     })
+
+
+def _kept_change_since(previous: dict | None, index: pa.Table, config: RunConfig) -> float | None:
+    """Fraction of the rows the previous PCA was fitted on that changed since (None: fit anew)."""
+    if not previous or "fit_shards" not in previous.get("outputs", {}):
+        return None
+    fit_cfg = {k: v for k, v in previous["config"]["pca"].items() if k != "refit_min_change"}
+    now_cfg = {k: v for k, v in config.pca.model_dump(mode="json").items() if k != "refit_min_change"}
+    if fit_cfg != now_cfg or not all(storage.exists(u) for u in previous["outputs"].values()):
+        return None
+    fit = storage.read_parquet(previous["outputs"]["fit_shards"])
+    before = dict(zip(fit.column("shard").to_pylist(), zip(fit.column("digest").to_pylist(),
+                                                          fit.column("rows").to_pylist())))
+    now = index.filter(pc.greater(index.column("rows"), 0))
+    after = dict(zip(now.column("shard").to_pylist(), zip(now.column("digest").to_pylist(),
+                                                         now.column("rows").to_pylist())))
+    changed = sum(rows for shard, (digest, rows) in after.items() if before.get(shard, (None,))[0] != digest)
+    changed += sum(rows for shard, (_, rows) in before.items() if shard not in after)
+    return changed / max(1, sum(rows for _, rows in before.values()))
 
 
 SUBFLOWS: dict[str, Callable[..., dict]] = {

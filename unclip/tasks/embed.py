@@ -9,6 +9,8 @@ loader cannot read or decode is logged, skipped, and recorded as a drop (``embed
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,6 +38,20 @@ EMBED_RESULT_SCHEMA = pa.schema(
         pa.field("drops", pa.string()),
     ]
 )
+
+
+def model_identity(cfg: EmbedConfig) -> str:
+    """What makes two embeddings of the same rows equal: architecture, weights (a checkpoint by its
+    bytes, not its path) and storage dtype. Computed once per stage run."""
+    weights = cfg.model.weights
+    if cfg.model.checkpoint is not None:
+        weights = f"checkpoint-sha256:{storage.file_checksum(cfg.model.checkpoint)}"
+    return f"{cfg.model.arch}|{weights}|{cfg.dtype}"
+
+
+def shard_digest(kept_digest: str, model_id: str) -> str:
+    """The digest an embedded shard carries: its kept rows and the model that embedded them."""
+    return hashlib.sha256(f"{kept_digest}|{model_id}".encode()).hexdigest()
 
 
 def output_digest(uri: str) -> str | None:
@@ -89,7 +105,7 @@ def _write_shard(uri: str, drops_uri: str, kept: pa.Table, parts: dict[str, list
 
 @task(name="embed-shards", task_run_name=batch_run_name("embed"), cache_policy=NO_CACHE,
       retries=1, retry_delay_seconds=5)
-def embed_batch(batch: int, shards: list[dict], workdir: str, cfg: EmbedConfig,
+def embed_batch(batch: int, shards: list[dict], workdir: str, cfg: EmbedConfig, model_id: str,
                 progress: Progress | None = None) -> str:
     """Embed a batch of shards (rows of the basic filter's result index); returns a result file."""
     device = clip.resolve_device(cfg.device)
@@ -98,9 +114,9 @@ def embed_batch(batch: int, shards: list[dict], workdir: str, cfg: EmbedConfig,
         uri = shard_file(workdir, "embed/candidates", s["shard"])
         drops_uri = shard_file(workdir, "drops/embed", s["shard"])
         out_rows.append({"source": s["source"], "source_rank": s["source_rank"], "shard": s["shard"],
-                         "tar": s["tar"], "rows": None, "digest": s["digest"], "embeddings": uri,
-                         "drops": drops_uri})
-        if output_digest(uri) == s["digest"] and storage.exists(drops_uri):
+                         "tar": s["tar"], "rows": None, "digest": shard_digest(s["digest"], model_id),
+                         "embeddings": uri, "drops": drops_uri})
+        if output_digest(uri) == out_rows[-1]["digest"] and storage.exists(drops_uri):
             out_rows[-1]["rows"] = storage.parquet_rows(uri)
             if progress:
                 progress.advance()
@@ -109,7 +125,7 @@ def embed_batch(batch: int, shards: list[dict], workdir: str, cfg: EmbedConfig,
 
     def finish(tar: str, parts: dict | None) -> None:
         s, uri, drops_uri, kept, row = todo[tar]
-        out_rows[row]["rows"] = _write_shard(uri, drops_uri, kept, parts, cfg.dtype, s["digest"])
+        out_rows[row]["rows"] = _write_shard(uri, drops_uri, kept, parts, cfg.dtype, out_rows[row]["digest"])
         if progress:
             progress.advance()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 
+import pyarrow as pa
+
 from prefect import task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -20,8 +22,9 @@ from unclip.tasks.common import artifact_key, in_prefect_run
 
 
 @task(name="fit-pca-quantiser", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def fit_pca(files: list[tuple[str, int]], workdir: str, cfg: PcaConfig) -> dict:
-    """Fit on at most ``cfg.max_rows`` sampled rows of ``files`` ((uri, rows) pairs)."""
+def fit_pca(files: list[tuple[str, int]], workdir: str, cfg: PcaConfig, fit_shards: pa.Table) -> dict:
+    """Fit on at most ``cfg.max_rows`` sampled rows of ``files`` ((uri, rows) pairs); ``fit_shards``
+    (shard, digest, rows) is saved beside the model, to measure later how much the data moved."""
     if not files:
         raise ValueError("pca: the final embeddings are empty; nothing to fit")
 
@@ -43,10 +46,20 @@ def fit_pca(files: list[tuple[str, int]], workdir: str, cfg: PcaConfig) -> dict:
     png = pca.explained_variance_plot_png(model.spectrum_ratio, cfg.n_components)
     storage.write_bytes(storage.join(base, "explained_variance.png"), png)
     report = {k: (float(v) if isinstance(v, float) else v) for k, v in report.items()}
+    storage.write_parquet(storage.join(base, "fit_shards.parquet"), fit_shards)
     storage.write_json(storage.join(base, "report.json"), {"version": version, **report})
+    return load_fitted({"pca": storage.join(base, "pca.npz")})
+
+
+def load_fitted(outputs: dict) -> dict:
+    """A saved PCA's files, report and plot, from the folder of its ``pca.npz``."""
+    base = outputs["pca"].rsplit("/", 1)[0]
+    report = storage.read_json(storage.join(base, "report.json"))
+    version = report.pop("version")
     return {"version": version, "uri": storage.join(base, "pca.npz"), "report_uri": storage.join(base, "report.json"),
             "plot_uri": storage.join(base, "explained_variance.png"), "report": report,
-            "plot_png_b64": base64.b64encode(png).decode()}
+            "fit_shards_uri": storage.join(base, "fit_shards.parquet"),
+            "plot_png_b64": base64.b64encode(storage.read_bytes(storage.join(base, "explained_variance.png"))).decode()}
 
 
 def publish_pca(fitted: dict) -> None:

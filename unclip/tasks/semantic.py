@@ -22,6 +22,7 @@ from unclip import drops, storage
 from unclip.config import SemanticFilterConfig
 from unclip.data import clip, filters
 from unclip.tasks.common import batch_run_name, read_routed, route_by_batch
+from unclip.tasks import embed as embed_tasks
 from unclip.tasks.embed import DIGEST_KEY
 from unclip.tasks.filter import SHARD_RESULT_SCHEMA, keys_digest, shard_file
 
@@ -166,10 +167,13 @@ def finalize_batch(batch: int, shards: list[dict], work: str, workdir: str) -> s
         drop = pa.concat_tables([score_drops, mine.select(score_drops.column_names)])
         t = storage.read_parquet(s["embeddings"])
         kept = t.filter(pc.invert(pc.is_in(t.column("uid"), value_set=drop.column("uid"))))
-        digest = keys_digest(kept.column("key").to_pylist())
+        # the kept rows and the model that embedded them (the candidates' digest carries it)
+        digest = embed_tasks.shard_digest(keys_digest(kept.column("key").to_pylist()), s["digest"])
         kept = kept.replace_schema_metadata({DIGEST_KEY: digest.encode()})
-        uri = storage.write_parquet(shard_file(workdir, "embeddings", s["shard"]), kept,
-                                    **clip.EMBEDDING_PARQUET_OPTIONS)
+        # named by that digest: a released dataset version's files are never rewritten
+        uri = shard_file(workdir, "embeddings", f"{s['shard']}.{digest[:16]}")
+        if not storage.exists(uri):
+            storage.write_parquet(uri, kept, **clip.EMBEDDING_PARQUET_OPTIONS)
         drops_uri = storage.write_parquet(shard_file(workdir, "drops/semantic_filter", s["shard"]), drop)
         for k, v in (("source", s["source"]), ("source_rank", s["source_rank"]), ("shard", s["shard"]),
                      ("tar", s["tar"]), ("rows", kept.num_rows), ("digest", digest), ("kept", uri),

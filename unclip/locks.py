@@ -1,0 +1,58 @@
+"""Concurrency on the Prefect server: one refresh per dataset, and GPU slots for training tasks.
+
+- A dataset's refresh holds the slot of a global concurrency limit of size 1 named after the dataset
+  and its catalog (``refresh_lock``). A second refresh of the same dataset waits for the slot (up to
+  its timeout, then fails without touching the data). Slots are leases: a refresh whose process is
+  killed stops renewing its lease and the slot frees itself after ``lease_duration``.
+- Training tasks carry the tag ``gpu``; a tag concurrency limit of the machine's (or cluster's) GPU
+  count makes the server run at most that many at once (``ensure_gpu_limit``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Iterator
+
+from prefect import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+GPU_TAG = "gpu"
+
+
+def refresh_lock_name(dataset: str, catalog: str) -> str:
+    return f"unclip-refresh-{dataset}-{hashlib.sha256(catalog.encode()).hexdigest()[:8]}"
+
+
+def ensure_global_limit(name: str, limit: int = 1) -> None:
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return
+        except ObjectNotFound:
+            pass
+        with contextlib.suppress(ObjectAlreadyExists):  # another refresh created it first
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+
+
+@contextlib.contextmanager
+def refresh_lock(dataset: str, catalog: str, timeout_s: float | None, lease_s: float = 300) -> Iterator[str]:
+    """Hold the dataset's refresh slot for the block; ``TimeoutError`` if not free within ``timeout_s``."""
+    name = refresh_lock_name(dataset, catalog)
+    ensure_global_limit(name, 1)
+    with concurrency(name, occupy=1, timeout_seconds=timeout_s, lease_duration=lease_s, strict=True):
+        yield name
+
+
+def ensure_gpu_limit(slots: int) -> None:
+    """The ``gpu`` tag limit: at most ``slots`` training task runs at once (created if missing)."""
+    with get_client(sync_client=True) as client:
+        try:
+            current = client.read_concurrency_limit_by_tag(GPU_TAG)
+            if current.concurrency_limit == slots:
+                return
+        except ObjectNotFound:
+            pass
+        client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=slots)
