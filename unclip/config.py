@@ -244,6 +244,10 @@ class TrainConfig(_Strict):
     """The training stages (the training issues add their own sections)."""
 
     launch: LaunchConfig = LaunchConfig()
+    eval_fraction: float = Field(
+        0.05, gt=0.0, lt=1.0, description="Fraction of a dataset version's shards held out for evaluation "
+        "(chosen by a hash of the shard name, so a shard never changes sides as the dataset grows).",
+    )
 
 
 class CatalogConfig(_Strict):

@@ -1,0 +1,162 @@
+"""One-click retraining (deployment ``retrain``) and evaluation of a run (deployment ``evaluate``).
+
+``retrain`` resolves a dataset version in the catalog (default: the latest), splits its shards into
+training and held-out ones, and runs the chosen training and evaluation stages in order, each as a
+task (training stages that need GPUs carry the ``gpu`` concurrency tag and run under torchrun). The
+run, its lineage (dataset version, PCA version, code version, config) and every stage's metrics are
+recorded in the catalog (``catalog/runs/<run id>.json``) as each stage finishes, so a failed run
+shows how far it got. ``evaluate`` runs the evaluation stages again on a named run.
+
+The parameters are pydantic models: the Prefect UI shows them as a form.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict, Field
+
+from unclip import catalog, locks, manifest, storage
+from unclip.config import RunConfig, load_config
+from unclip.flows.refresh import _config_path
+from unclip.tasks.common import publish_markdown
+from unclip.train import distributed, stages
+
+StageName = Literal["pca", "eval_pca", "eval_retrieval"]
+EvalName = Literal["eval_pca", "eval_retrieval"]
+
+
+class RetrainParams(BaseModel):
+    """What to train, on which dataset version, with which configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str = Field("configs/demo.yaml", description="Run config YAML (relative to the project root, or absolute).")
+    workdir: str = Field("runs/demo", description="The dataset's working directory (holds its catalog by default).")
+    dataset_version: str = Field("latest", description="'latest', a release name (v000003) or a version (ds-...).")
+    stages: list[StageName] = Field(default_factory=lambda: list(stages.names()),
+                                    description="Stages to run, in pipeline order.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Nested config values to override.")
+    run_name: str | None = Field(None, description="A label for the run (its id is generated).")
+
+
+class EvaluateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str = Field(description="The run to evaluate (see `unclip runs`).")
+    workdir: str = Field("runs/demo", description="The dataset's working directory.")
+    catalog: str | None = Field(None, description="The catalog holding the run; default <workdir>/catalog.")
+    config: str | None = Field(None, description="Config YAML; default: the one the run was made with.")
+    stages: list[EvalName] = Field(default_factory=lambda: list(stages.names("eval")))
+
+
+def _retrain_name() -> str:
+    p = flow_run.parameters.get("params") or {}
+    p = p.model_dump() if isinstance(p, BaseModel) else p
+    return f"retrain: {','.join(p.get('stages') or stages.names())} on {p.get('dataset_version', 'latest')}"
+
+
+def _evaluate_name() -> str:
+    p = flow_run.parameters.get("params") or {}
+    p = p.model_dump() if isinstance(p, BaseModel) else p
+    return f"evaluate: {p.get('run_id', '?')}"
+
+
+@task(name="run-stage", task_run_name="{name}: {run_id}", cache_policy=NO_CACHE)
+def run_stage(name: str, run_id: str, ctx: stages.StageContext) -> dict:
+    stage = stages.REGISTRY[name]
+    if stage.module is None:
+        return stage.run(ctx)
+    # a distributed stage: torchrun with train.launch; the module writes <run_dir>/<stage>/result.json
+    out = storage.join(ctx.run_dir, name)
+    distributed.launch(ctx.config.train.launch, stage.module,
+                       ["--run-dir", ctx.run_dir, "--stage", name, "--context", _context_file(ctx, out)],
+                       log_path=storage.join(out, "torchrun.log"))
+    return storage.read_json(storage.join(out, "result.json"))
+
+
+def _context_file(ctx: stages.StageContext, out: str) -> str:
+    uri = storage.join(out, "context.json")
+    storage.write_json(uri, {"run_id": ctx.run_id, "run_dir": ctx.run_dir, "release": ctx.release["release"],
+                             "config": ctx.config.model_dump(mode="json"), "previous": ctx.previous})
+    return uri
+
+
+def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], where: str, workdir: str) -> dict:
+    log = get_run_logger()
+    train, held = stages.split_files(catalog.kept_files(release), cfg.train.eval_fraction)
+    ctx = stages.StageContext(run["run_id"], run["run_dir"], cfg, release, train, held,
+                              previous=dict(run.get("stages", {})))
+    if any(stages.REGISTRY[n].gpu for n in names):
+        locks.ensure_gpu_limit(cfg.train.launch.gpu_slots * cfg.train.launch.nnodes)
+    for name in sorted(names, key=list(stages.REGISTRY).index):
+        stage = stages.REGISTRY[name]
+        runner = run_stage.with_options(tags=[locks.GPU_TAG] if stage.gpu else [])
+        run["state"] = f"running {name}"
+        catalog.save_run(where, run)
+        result = runner(name, run["run_id"], ctx)
+        ctx.previous[name] = result
+        run.setdefault("stages", {})[name] = {"kind": stage.kind, **result,
+                                              "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+        run.setdefault("metrics", {}).update({f"{name}/{k}": v for k, v in result["metrics"].items()
+                                              if isinstance(v, (int, float, str, bool))})
+        if name == "pca":
+            run["pca_version"] = result["metrics"]["pca_version"]
+        log.info("%s: %s", name, json.dumps(result["metrics"], default=str)[:500])
+    run["state"] = "completed"
+    return catalog.save_run(where, run)
+
+
+def _publish_run(run: dict) -> None:
+    lines = [f"# run `{run['run_id']}`" + (f" ({run['name']})" if run.get("name") else ""), "",
+             f"- dataset version: {run['release']} `{run['dataset_version']}`",
+             f"- PCA version: `{run.get('pca_version')}`", f"- code version: `{run['code_version']}`",
+             f"- stages: {', '.join(run.get('stages', {}))}", f"- run folder: `{run['run_dir']}`", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
+              for k, v in sorted(run.get("metrics", {}).items())]
+    publish_markdown("run", "summary", "\n".join(lines), f"run {run['run_id']}: lineage and metrics")
+
+
+@flow(name="retrain", flow_run_name=_retrain_name)
+def retrain(params: RetrainParams = RetrainParams()) -> dict:
+    """Run the staged trainings and evaluations on a dataset version; record the run in the catalog."""
+    workdir = storage.absolute(params.workdir)
+    cfg = load_config(_config_path(params.config), params.overrides, variables={"workdir": workdir})
+    where = catalog.catalog_uri(cfg, workdir)
+    release = catalog.resolve(where, params.dataset_version)
+    started = dt.datetime.now(dt.timezone.utc)
+    run_id = f"run-{started:%Y%m%d-%H%M%S}-{str(flow_run.id or 'local')[:6]}"
+    run = {"run_id": run_id, "name": params.run_name, "kind": "retrain", "state": "starting",
+           "started_at": started.isoformat(timespec="seconds"), "flow_run_id": str(flow_run.id),
+           "dataset_version": release["version"], "release": release["release"],
+           "pca_version": release.get("pca_version"), "code_version": manifest.code_version(),
+           "run_dir": storage.join(workdir, "runs", run_id), "config": cfg.model_dump(mode="json"),
+           "config_path": params.config, "overrides": params.overrides, "requested_stages": list(params.stages)}
+    try:
+        run = _run_stages(run, cfg, release, list(params.stages), where, workdir)
+    except BaseException as err:
+        run["state"] = f"failed: {type(err).__name__}: {err}"[:500]
+        catalog.save_run(where, run)
+        raise
+    _publish_run(run)
+    return run
+
+
+@flow(name="evaluate", flow_run_name=_evaluate_name)
+def evaluate(params: EvaluateParams) -> dict:
+    """Run the evaluation stages on a finished run; its metrics are added to the run's record."""
+    workdir = storage.absolute(params.workdir)
+    where = params.catalog or storage.join(workdir, "catalog")
+    run = catalog.get_run(where, params.run_id)
+    cfg = (load_config(_config_path(params.config), variables={"workdir": workdir}) if params.config
+           else RunConfig.model_validate(run["config"]))
+    release = catalog.resolve(where, run["dataset_version"])
+    run = _run_stages(run, cfg, release, list(params.stages), where, workdir)
+    _publish_run(run)
+    return run

@@ -1,0 +1,146 @@
+"""The staged trainings and evaluations that ``retrain`` and ``evaluate`` run, by name.
+
+A stage is a function of a ``StageContext`` (the run, its dataset version's train and held-out
+files, the outputs of the stages before it) returning ``{"outputs": {...}, "metrics": {...}}``.
+Training issues add theirs with ``register``: a stage with ``gpu=True`` runs as a task carrying the
+``gpu`` concurrency tag, and one with a ``module`` runs that module under ``torchrun`` with the
+config's ``train.launch`` (nodes, processes per node, DDP/FSDP).
+
+Registered here, on what the data half produces:
+
+- ``pca`` (train): the AR prior's PCA + quantiser fitted on the version's training shards.
+- ``eval_pca`` (eval): relative reconstruction error of the run's PCA (or the version's) on the
+  held-out shards, alone and with quantisation, and how many codes round-trip.
+- ``eval_retrieval`` (eval): image->text and text->image recall@k of the stored CLIP embeddings on
+  held-out pairs, in galleries of ``GALLERY`` pairs (chance is k/GALLERY).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from unclip import storage
+from unclip.config import RunConfig
+from unclip.data import clip, pca
+
+GALLERY = 1000
+RECALL_AT = (1, 5, 10)
+
+
+@dataclass
+class StageContext:
+    run_id: str
+    run_dir: str
+    config: RunConfig
+    release: dict
+    train_files: pa.Table  # the release's kept files (FILES_COLUMNS) in the training split
+    eval_files: pa.Table  # ... in the held-out split
+    previous: dict[str, dict] = field(default_factory=dict)  # stage -> {"outputs", "metrics"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    kind: Literal["train", "eval"]
+    run: Callable[[StageContext], dict]
+    description: str
+    gpu: bool = False
+    # run as ``torchrun ... -m module --run-dir D --stage NAME --context C.json`` with train.launch when
+    # set; the module writes D/NAME/result.json ({"outputs", "metrics"}) from rank 0
+    module: str | None = None
+
+
+REGISTRY: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    REGISTRY[stage.name] = stage
+    return stage
+
+
+def names(kind: str | None = None) -> list[str]:
+    return [n for n, s in REGISTRY.items() if kind is None or s.kind == kind]
+
+
+def split_files(files: pa.Table, eval_fraction: float) -> tuple[pa.Table, pa.Table]:
+    """Held-out shards chosen by a hash of the shard name: stable as the dataset grows (a shard
+    never moves between splits), at least one held-out shard when there are two or more."""
+    shards = files.column("shard").to_pylist()
+    score = np.array([int(hashlib.sha256(s.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for s in shards])
+    held = score < eval_fraction
+    if len(shards) >= 2 and not held.any():
+        held[int(np.argmin(score))] = True
+    return files.filter(pa.array(~held)), files.filter(pa.array(held))
+
+
+def _file_rows(files: pa.Table) -> list[tuple[str, int]]:
+    return list(zip(files.column("kept").to_pylist(), files.column("rows").to_pylist()))
+
+
+def _fit_pca(ctx: StageContext) -> dict:
+    from unclip.tasks import pca as pca_tasks
+
+    if ctx.train_files.num_rows == 0:
+        raise ValueError("pca: the training split of the dataset version is empty")
+    fitted = pca_tasks.fit_pca.fn(_file_rows(ctx.train_files), ctx.run_dir, ctx.config.pca,
+                                  ctx.train_files.select(["shard", "digest", "rows"]))
+    pca_tasks.publish_pca(fitted)
+    return {"outputs": {"pca": fitted["uri"], "report": fitted["report_uri"], "plot": fitted["plot_uri"]},
+            "metrics": {"pca_version": fitted["version"], **fitted["report"]}}
+
+
+def _eval_pca(ctx: StageContext) -> dict:
+    uri = (ctx.previous.get("pca") or {}).get("outputs", {}).get("pca") or ctx.release.get("pca")
+    if not uri:
+        raise ValueError("eval_pca: neither this run nor its dataset version has a PCA")
+    model = pca.PcaQuantiser.load(io.BytesIO(storage.read_bytes(uri)))
+    sq = err_pca = err_q = 0.0
+    n = exact = 0
+    for (x,) in pca.iter_embedding_batches(_file_rows(ctx.eval_files), batch_rows=ctx.config.pca.batch_rows,
+                                           max_rows=ctx.config.pca.max_rows, seed=0, columns=("image_emb",)):
+        x = x.astype(np.float32)
+        z = model.project(x)
+        codes = model.encode(x)
+        sq += float((x * x).sum())
+        err_pca += float(((z @ model.components + model.mean - x) ** 2).sum())
+        err_q += float(((model.decode(codes) - x) ** 2).sum())
+        exact += int((model.quantiser.encode(model.quantiser.decode(codes)) == codes).all(axis=1).sum())
+        n += len(x)
+    if n == 0:
+        raise ValueError("eval_pca: the held-out split is empty")
+    return {"outputs": {"pca": uri}, "metrics": {
+        "heldout_rows": n, "heldout_relative_mse_pca": err_pca / sq,
+        "heldout_relative_mse_pca_quantised": err_q / sq, "codes_round_trip": exact / n}}
+
+
+def _eval_retrieval(ctx: StageContext) -> dict:
+    table = storage.parquet_dataset(ctx.eval_files.column("kept").to_pylist()).to_table(
+        columns=["uid", "image_emb", "text_emb"]).sort_by("uid")
+    if table.num_rows < 2:
+        raise ValueError(f"eval_retrieval: {table.num_rows} held-out pairs; at least 2 are needed")
+    img = clip.to_numpy(table.column("image_emb")).astype(np.float32)
+    txt = clip.to_numpy(table.column("text_emb")).astype(np.float32)
+    hits = {f"{d}_recall@{k}": 0 for d in ("image_to_text", "text_to_image") for k in RECALL_AT}
+    for start in range(0, len(img), GALLERY):
+        i, t = img[start:start + GALLERY], txt[start:start + GALLERY]
+        sims = i @ t.T
+        for d, s in (("image_to_text", sims), ("text_to_image", sims.T)):
+            # rank of the true pair: how many candidates score strictly higher
+            rank = (s > np.diag(s)[:, None]).sum(axis=1)
+            for k in RECALL_AT:
+                hits[f"{d}_recall@{k}"] += int((rank < k).sum())
+    metrics = {k: v / len(img) for k, v in hits.items()}
+    metrics.update(heldout_pairs=len(img), gallery=min(GALLERY, len(img)),
+                   mean_clip_score=float((img * txt).sum(1).mean()))
+    return {"outputs": {}, "metrics": metrics}
+
+
+register(Stage("pca", "train", _fit_pca, "PCA (319 of 1024) + 1024-bucket quantiser for the AR prior"))
+register(Stage("eval_pca", "eval", _eval_pca, "held-out reconstruction error of the PCA + quantiser"))
+register(Stage("eval_retrieval", "eval", _eval_retrieval, "held-out image<->text recall@k of the CLIP"))
