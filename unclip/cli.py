@@ -1,9 +1,13 @@
-"""The ``unclip`` command line: ``unclip demo`` and ``unclip data``.
+"""The ``unclip`` command line.
 
-Both load a run configuration (YAML, validated before any work), run the data pipeline's Prefect
-flows with progress bars on the terminal, and end with a summary of what each stage kept and dropped
-and where the outputs are. Prefect's own log lines go to the Prefect UI/API; ``--verbose`` shows them
-here too.
+- ``unclip demo`` and ``unclip data`` load a run configuration (YAML, validated before any work), run
+  the data pipeline's Prefect flows with progress bars on the terminal, and end with a summary of
+  what each stage kept and dropped and where the outputs are. Prefect's own log lines go to the
+  Prefect UI/API; ``--verbose`` shows them here too. ``--ui`` sends the runs to the local server of
+  ``unclip server`` (started in the background if none is running) and prints where to look.
+- ``unclip server`` runs a local Prefect server (database under the workdir), the work pool, the
+  project's deployments and a worker, until Ctrl-C.
+- ``unclip datasets`` and ``unclip runs`` list the catalog: dataset versions, training runs, lineage.
 """
 
 from __future__ import annotations
@@ -45,15 +49,35 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--config", default=str(DEMO_CONFIG), help="demo run config (default configs/demo.yaml)")
 
+    d.add_argument("--ui", action="store_true",
+                   help="run against the local Prefect server of `unclip server --workdir` (started if needed)")
+
     r = sub.add_parser("data", help="run the data stages on your own URL lists")
     common(r)
     r.add_argument("--config", required=True, help="run config YAML (see configs/)")
+
+    sv = sub.add_parser("server", help="local Prefect server + work pool + deployments + worker (Ctrl-C stops)")
+    sv.add_argument("--workdir", required=True, help="the server's database and logs go to WORKDIR/prefect")
+    sv.add_argument("--port", type=int, default=4200)
+    sv.add_argument("--gpus", type=int, default=1, help="slots of the 'gpu' concurrency tag (default 1)")
+    sv.add_argument("--no-worker", action="store_true", help="serve and deploy only")
+    sv.add_argument("--stop", action="store_true", help="stop a server this workdir started in the background")
+
+    for name, what in (("datasets", "dataset versions in the catalog"), ("runs", "training runs and their lineage")):
+        c = sub.add_parser(name, help=f"list the {what}")
+        c.add_argument("--workdir", required=True)
+        c.add_argument("--catalog", default=None, help="catalog URI (default WORKDIR/catalog)")
+        c.add_argument("--json", action="store_true", help="print the full records as JSON")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet_environment(args.verbose)
+    _quiet_environment(getattr(args, "verbose", False))
+    if args.command == "server":
+        return serve(args)
+    if args.command in ("datasets", "runs"):
+        return list_catalog(args)
 
     from unclip import preflight, storage
     from unclip.config import ConfigError, load_config, stages_until
@@ -72,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     until = stages[-1]
+    ui = _ui_server(workdir) if getattr(args, "ui", False) else None
     start = time.monotonic()
     try:
         if args.command == "demo":
@@ -90,7 +115,105 @@ def main(argv: list[str] | None = None) -> int:
               f"UI, and {workdir}/logs/.", file=sys.stderr)
         return 1
     print(summary(records, workdir, config, time.monotonic() - start))
+    if ui is not None:
+        print(f"\nPrefect UI: {ui} (flow runs, artifacts, logs)")
     return 0
+
+
+def _ui_server(workdir: str) -> str:
+    """The UI address of this workdir's local server; starts one in the background if none answers."""
+    from unclip.prefect_server import PrefectServer, running_server
+
+    state = running_server(Path(workdir) / "prefect")
+    if state is None:
+        server = PrefectServer(Path(workdir) / "prefect", port=_free_or(4200)).start()
+        state = {"api_url": server.api_url, "ui_url": server.ui_url, "pid": server.proc.pid}
+        print(f"unclip: started a Prefect server in the background at {server.ui_url} (pid {server.proc.pid}); "
+              f"stop it with `unclip server --workdir {workdir} --stop`", file=sys.stderr)
+    os.environ["PREFECT_API_URL"] = state["api_url"]
+    return state["ui_url"]
+
+
+def _free_or(port: int) -> int:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            return 0
+
+
+def serve(args) -> int:
+    """``unclip server``: run until Ctrl-C; everything it started stops with it."""
+    import signal as _signal
+
+    from unclip import locks
+    from unclip.prefect_server import PrefectServer, running_server, stop_background
+
+    home = Path(args.workdir).resolve() / "prefect"
+    if args.stop:
+        return 0 if stop_background(home) else 1
+    if running_server(home):
+        print(f"unclip: a server for this workdir is already running ({home / 'server.json'}); "
+              "stop it first with --stop", file=sys.stderr)
+        return 1
+    server = PrefectServer(home, port=args.port).start()
+    _signal.signal(_signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        os.environ["PREFECT_API_URL"] = server.api_url
+        server.ensure_pool()
+        locks.ensure_gpu_limit(args.gpus)
+        deployments = server.deploy_all()
+        worker = None if args.no_worker else server.start_worker()
+        print(f"Prefect UI:  {server.ui_url}\nAPI:         {server.api_url}\ndatabase:    {server.database}\n"
+              f"work pool:   unclip-process ({'worker running' if worker else 'no worker'})\n"
+              f"deployments: {', '.join(sorted(d['name'] for d in deployments))}\n"
+              f"run one:     PREFECT_API_URL={server.api_url} prefect deployment run data-refresh/data-refresh\n"
+              "Ctrl-C stops the server and the worker.", flush=True)
+        while server.proc.poll() is None and (worker is None or worker.poll() is None):
+            time.sleep(1)
+        print("unclip: the server or the worker exited; see " + str(home / "*.log"), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
+
+
+def list_catalog(args) -> int:
+    import json
+
+    from unclip import catalog, storage
+
+    where = args.catalog or storage.join(storage.absolute(args.workdir), "catalog")
+    rows = catalog.datasets(where) if args.command == "datasets" else catalog.runs(where)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print(f"no {args.command} in {where}")
+        return 0
+    if args.command == "datasets":
+        head = f"{'release':<9}{'version':<21}{'created':<27}{'rows':>10}{'shards':>8}  {'pca':<17}{'code':<28}previous"
+        print(head + "\n" + "-" * len(head))
+        for r in rows:
+            print(f"{r['release']:<9}{r['version']:<21}{r['created_at']:<27}{r['rows']:>10,}{r['shards']:>8,}  "
+                  f"{str(r.get('pca_version')):<17}{r['code_version']:<28}{r.get('previous') or '-'}")
+    else:
+        head = f"{'run':<30}{'state':<12}{'dataset':<29}{'pca':<17}{'code':<28}key metrics"
+        print(head + "\n" + "-" * len(head))
+        for r in rows:
+            key = {k: v for k, v in r.get("metrics", {}).items() if k.split("/")[-1] in KEY_METRICS}
+            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in key.items())
+            print(f"{r['run_id']:<30}{r['state'][:11]:<12}{r['release'] + ' ' + r['dataset_version']:<29}"
+                  f"{str(r.get('pca_version')):<17}{r['code_version']:<28}{shown or '-'}")
+    return 0
+
+
+KEY_METRICS = ("heldout_relative_mse_pca_quantised", "image_to_text_recall@5", "text_to_image_recall@5",
+               "explained_variance_ratio_kept")
 
 
 def summary(records: dict, workdir: str, config, seconds: float) -> str:

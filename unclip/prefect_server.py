@@ -198,6 +198,31 @@ class PrefectServer:
         self.stop()
 
 
+def running_server(home: str | Path) -> dict | None:
+    """The state of a server started with ``home`` that still answers, else None."""
+    state_file = Path(home) / "server.json"
+    if not state_file.exists():
+        return None
+    state = json.loads(state_file.read_text())
+    try:
+        with urllib.request.urlopen(state["api_url"] + "/health", timeout=5) as resp:
+            return state if json.loads(resp.read()) is True else None
+    except (OSError, ValueError):
+        return None
+
+
+def stop_background(home: str | Path) -> bool:
+    """Stop the server a ``--ui`` run left in the background for ``home``; True if one was stopped."""
+    state = running_server(home)
+    if state is None or not state.get("pid"):
+        print(f"no running server recorded in {Path(home) / 'server.json'}", file=sys.stderr)
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(state["pid"], signal.SIGTERM)
+    (Path(home) / "server.json").unlink(missing_ok=True)
+    return True
+
+
 def _tree_rss(pid: int) -> int:
     """Sum of VmRSS over ``pid`` and its descendants (Linux /proc)."""
     children: dict[int, list[int]] = {}
