@@ -5,6 +5,7 @@ Layout under the catalog URI (``catalog.uri``, default ``<workdir>/catalog``)::
     datasets/v000001-ds-<hash>.json          one release: lineage of every stage, counts, PCA, code
     datasets/v000001-ds-<hash>.files.parquet its kept files: source, shard, rows, digest, kept URI
     runs/<run id>.json                       one training/evaluation run and its lineage
+    refreshes/<time>-<flow run>.json         each refresh: when it held the lock, what it published
 
 A release is published only after every stage of a refresh finished and accounted for its rows, and
 its record is written last (atomically), so a reader never sees a half-written version. The files a
@@ -128,6 +129,19 @@ def gc(catalog: str, workdir: str, keep_versions: int) -> list[str]:
     for u in removed:
         storage.remove(u)
     return removed
+
+
+def record_refresh(catalog: str, entry: dict) -> str:
+    """One file per refresh (``refreshes/<held from>-<flow run>.json``): when it held the dataset's
+    lock and what it published. Written by the lock holder only."""
+    name = f"{entry['held_from'].replace(':', '').replace('+0000', 'Z')}-{entry.get('flow_run_id', 'local')[:8]}"
+    return storage.write_json(storage.join(catalog, "refreshes", f"{name}.json"), entry, sort_keys=False)
+
+
+def refreshes(catalog: str) -> list[dict]:
+    folder = storage.join(catalog, "refreshes")
+    return sorted((storage.read_json(u) for u in storage.listdir(folder) if u.endswith(".json")),
+                  key=lambda e: e["held_from"])
 
 
 # -- runs ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ published last; an unchanged one publishes nothing.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +52,20 @@ def data_refresh(config: str = "configs/demo.yaml", workdir: str = "runs/demo",
     preflight.check_environment()
     preflight.check_config(cfg, STAGES)
     where = catalog.catalog_uri(cfg, workdir)
+    log.info("waiting for the refresh lock of dataset %r (catalog %s)", cfg.name, where)
     with locks.refresh_lock(cfg.name, where, timeout_s=lock_timeout_s) as lock:
+        held_since = dt.datetime.now(dt.timezone.utc)
         log.info("holding %s", lock)
         with _demo_server(workdir) if demo else contextlib.nullcontext():
             records = data_pipeline(config=cfg, workdir=workdir)
         ctx = {"flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name}
         release = catalog.publish_dataset(where, workdir, records, cfg, flow_run=ctx)
         removed = catalog.gc(where, workdir, cfg.catalog.keep_versions)
+        catalog.record_refresh(where, {**ctx, "lock": lock, "held_from": held_since.isoformat(),
+                                       "held_until": dt.datetime.now(dt.timezone.utc).isoformat(),
+                                       "release": release["release"], "new_version": release["new"],
+                                       "removed_files": len(removed)})
+        log.info("releasing %s after publishing %s", lock, release["release"])
     _publish_release(release, records, removed)
     return {"release": release["release"], "version": release["version"], "new": release["new"],
             "rows": release["rows"], "pca_version": release["pca_version"], "catalog": where,

@@ -1,0 +1,178 @@
+"""The pipeline as a service: a real Prefect server on a free loopback port, the project's
+prefect.yaml deployed to a process work pool, a worker, and ``data-refresh`` triggered and read
+back through the REST API, as the UI and a scheduler would.
+
+One server, worker and demo workdir are shared by the module, in order: a first refresh; a second
+after a new URL-list file landed (only its rows are downloaded, a new version is catalogued); two
+refreshes started at once (the second waits for the first's lock; every version stays whole);
+``retrain`` and ``evaluate`` on the latest version; and screenshots of the UI in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from unclip import catalog, manifest
+from unclip.config import load_config
+from unclip.data import demo_source
+from unclip.prefect_server import PrefectServer
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 200
+NEW_ROWS = 25
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    base = tmp_path_factory.mktemp("service")
+    workdir = base / "demo"
+    cfg = load_config(ROOT / "configs" / "demo.yaml", variables={"workdir": str(workdir)})
+    demo_source.generate_demo_for_config(str(workdir / "demo"), cfg, size=SIZE, seed=5)
+    with PrefectServer(base / "prefect") as server:
+        server.ensure_pool()
+        deployments = {d["name"]: d for d in server.deploy_all()}
+        server.start_worker(limit=4)
+        yield {"server": server, "workdir": workdir, "deployments": deployments}
+
+
+def _trigger(service, name: str, parameters: dict) -> str:
+    dep = service["deployments"][name]
+    run = service["server"].post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": parameters})
+    return run["id"]
+
+
+def _wait(server: PrefectServer, run_id: str, timeout_s: float = 400) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = server.get(f"/flow_runs/{run_id}")
+        if run["state_type"] in TERMINAL:
+            return run
+        time.sleep(2)
+    raise TimeoutError(f"flow run {run_id} not finished after {timeout_s} s: {run['state_type']}")
+
+
+def _tree(server: PrefectServer, run_id: str) -> list[dict]:
+    """The flow run and all its subflow runs."""
+    found, frontier = [server.get(f"/flow_runs/{run_id}")], [run_id]
+    while frontier:
+        tasks = server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": frontier}}, "limit": 200})
+        children = server.post("/flow_runs/filter", {
+            "flow_runs": {"parent_task_run_id": {"any_": [t["id"] for t in tasks]}}, "limit": 200}) if tasks else []
+        found += children
+        frontier = [c["id"] for c in children]
+    return found
+
+
+def _artifacts(server: PrefectServer, run_ids: list[str]) -> dict[str, dict]:
+    arts = server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": run_ids}}, "limit": 200})
+    return {a["key"]: a for a in arts if a.get("key")}
+
+
+def _refresh(service) -> dict:
+    return {"config": "configs/demo.yaml", "workdir": str(service["workdir"]), "demo": True}
+
+
+def _tars(workdir: Path) -> dict[str, int]:
+    return {p: os.stat(p).st_mtime_ns for p in glob.glob(str(workdir / "shards" / "**" / "*.tar"), recursive=True)}
+
+
+@pytest.fixture(scope="module")
+def first(service):
+    server = service["server"]
+    run_id = _trigger(service, "data-refresh", _refresh(service))
+    run = _wait(server, run_id)
+    return {"run": run, "tree": _tree(server, run_id)}
+
+
+def test_data_refresh_runs_through_the_deployment_and_reports_in_the_api(service, first):
+    server, run = service["server"], first["run"]
+    assert run["state_type"] == "COMPLETED", (run["state"], (service["server"].home / "worker-unclip-process.log")
+                                              .read_text()[-3000:])
+    assert run["name"].startswith("refresh: demo.yaml")
+    names = {r["name"] for r in first["tree"]}
+    assert {"data-pipeline: demo", "ingest: demo", "basic-filter: demo", "embed: demo", "semantic-filter: demo",
+            "pca: demo"} <= names
+    arts = _artifacts(server, [r["id"] for r in first["tree"]])
+    for stage in ("ingest", "basic-filter", "embed", "semantic-filter", "pca"):
+        assert arts[f"{stage}-counts"]["type"] == "table"
+        assert arts[f"{stage}-lineage"]["type"] == "markdown"
+    assert arts["ingest-progress"]["type"] == "progress" and arts["ingest-progress"]["data"] == 100.0
+    assert arts["pca-explained-variance"]["type"] == "image"
+    assert arts["pca-explained-variance"]["data"].startswith("data:image/png;base64,")
+    release = arts["dataset-release"]["data"]
+    assert "v000001" in release and "new dataset version" in release
+    # task runs say which shards they worked on
+    tasks = server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [r["id"] for r in first["tree"]]}},
+                                              "limit": 200})
+    assert any(t["name"].startswith("basic checks: clip/call-") for t in tasks)
+    versions = catalog.datasets(str(service["workdir"] / "catalog"))
+    assert [v["release"] for v in versions] == ["v000001"]
+    assert versions[0]["version"] == manifest.stage(str(service["workdir"]), "semantic_filter")["dataset_version"]
+
+
+def test_a_new_url_list_downloads_only_its_rows_and_publishes_a_new_version(service, first):
+    workdir, server = service["workdir"], service["server"]
+    before = catalog.latest(str(workdir / "catalog"))
+    tars = _tars(workdir)
+    demo_source.add_demo_list(str(workdir / "demo"), "dalle", NEW_ROWS, seed=11)
+    run = _wait(server, _trigger(service, "data-refresh", _refresh(service)))
+    assert run["state_type"] == "COMPLETED"
+    after_tars = _tars(workdir)
+    assert {p: after_tars[p] for p in tars} == tars, "an old shard was downloaded again"
+    new = [p for p in after_tars if p not in tars]
+    assert len(new) == 1
+    ingest = manifest.stage(str(workdir), "ingest")
+    assert ingest["metrics"]["partitions_downloaded"] == 1
+    assert ingest["rows_in"] == SIZE + NEW_ROWS
+    got = catalog.latest(str(workdir / "catalog"))
+    assert got["release"] == "v000002" and got["previous"] == before["version"]
+    assert got["rows"] == before["rows"] + NEW_ROWS
+    # the older version is intact: every file it lists is still there, with the rows it says
+    for release in (before, got):
+        files = catalog.kept_files(release)
+        assert sum(pq.read_metadata(f).num_rows for f in files.column("kept").to_pylist()) == release["rows"]
+
+
+def test_two_refreshes_at_once_run_one_after_the_other(service, first):
+    server, workdir = service["server"], service["workdir"]
+    demo_source.add_demo_list(str(workdir / "demo"), "clip", NEW_ROWS, seed=12)
+    before = [v["release"] for v in catalog.datasets(str(workdir / "catalog"))]
+    ids = [_trigger(service, "data-refresh", _refresh(service)) for _ in range(2)]
+    runs = [_wait(server, i) for i in ids]
+    assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"]
+    held = {e["flow_run_id"]: (e["held_from"], e["held_until"]) for e in catalog.refreshes(str(workdir / "catalog"))}
+    (a0, a1), (b0, b1) = sorted(held[i] for i in ids)
+    assert a1 <= b0, "both refreshes held the dataset at once"
+    versions = catalog.datasets(str(workdir / "catalog"))
+    # the first published the new list's rows, the second found nothing changed
+    assert [v["release"] for v in versions] == before + [f"v{len(before) + 1:06d}"]
+    for release in versions:
+        files = catalog.kept_files(release)
+        assert sum(pq.read_metadata(f).num_rows for f in files.column("kept").to_pylist()) == release["rows"]
+
+
+def test_retrain_and_evaluate_through_their_deployments(service, first):
+    server, workdir = service["server"], service["workdir"]
+    run = _wait(server, _trigger(service, "retrain", {"params": {"workdir": str(workdir), "run_name": "ci"}}))
+    assert run["state_type"] == "COMPLETED"
+    assert run["name"].startswith("retrain: pca,eval_pca,eval_retrieval on latest")
+    runs = catalog.runs(str(workdir / "catalog"))
+    assert len(runs) == 1 and runs[0]["state"] == "completed" and runs[0]["name"] == "ci"
+    latest = catalog.latest(str(workdir / "catalog"))
+    assert runs[0]["dataset_version"] == latest["version"]
+    assert 0 <= runs[0]["metrics"]["eval_retrieval/image_to_text_recall@10"] <= 1
+    ev = _wait(server, _trigger(service, "evaluate", {"params": {"workdir": str(workdir),
+                                                                 "run_id": runs[0]["run_id"],
+                                                                 "stages": ["eval_pca"]}}))
+    assert ev["state_type"] == "COMPLETED" and ev["name"] == f"evaluate: {runs[0]['run_id']}"
+    arts = _artifacts(server, [ev["id"]])
+    assert "eval_pca/heldout_relative_mse_pca_quantised" in arts["run-summary"]["data"]
