@@ -176,3 +176,24 @@ def test_retrain_and_evaluate_through_their_deployments(service, first):
     assert ev["state_type"] == "COMPLETED" and ev["name"] == f"evaluate: {runs[0]['run_id']}"
     arts = _artifacts(server, [ev["id"]])
     assert "eval_pca/heldout_relative_mse_pca_quantised" in arts["run-summary"]["data"]
+
+
+def test_the_ui_shows_the_refresh_to_a_person(service, first, tmp_path):
+    """The real UI in headless Chromium: the refresh's pages and artifacts render to screenshots."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ui_screenshots", ROOT / "scripts" / "ui_screenshots.py")
+    shots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shots)
+    if shots.find_chromium() is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium; `make test` installs it as root)")
+    server, run_id = service["server"], first["run"]["id"]
+    assert shots.main(["--ui", server.ui_url, "--flow-run", run_id, "--out", str(tmp_path)]) == 0
+    got = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert {"01-refresh-flow-run.png", "05-dataset-release.png", "09-pca-plot.png", "12-deployments.png"} <= set(got)
+    from PIL import Image
+
+    for name in got:
+        img = Image.open(tmp_path / name).convert("L")
+        # a rendered page, not a blank or error screen: many distinct grey levels and some contrast
+        assert img.size == (1440, 1100) and len(set(img.getdata())) > 20, name

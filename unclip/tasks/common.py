@@ -45,7 +45,9 @@ def describe_shards(shards: Sequence[dict]) -> str:
     runs: list[list] = []
     for s in shards:
         *where, number = s["shard"].removeprefix("shards/").split("/")
-        where = "/".join(where)[: len("clip/call-") + 8] if where else s.get("source", "?")
+        if where:  # source/call-<12 hex>: 8 hex digits say which call
+            where[-1] = where[-1][: len("call-") + 8]
+        where = "/".join(where) if where else s.get("source", "?")
         if runs and runs[-1][0] == where:
             runs[-1][2] = number
         else:
