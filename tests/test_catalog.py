@@ -1,0 +1,122 @@
+"""The catalog of dataset versions and runs, the refresh lock, the PCA refit rule, the held-out split,
+and the names task runs get. Small hand-made workdirs; the deployment test runs them for real."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+
+from unclip import catalog, locks, manifest, storage
+from unclip.config import parse_config
+from unclip.flows.data import _kept_change_since
+from unclip.tasks.common import describe_shards
+from unclip.train.stages import split_files
+
+CONFIG = parse_config({"name": "unit", "sources": [{"name": "s", "url_list": "/nowhere/*.parquet"}],
+                       "embed": {"model": {"arch": "unclip-tiny", "seed": 0}}})
+
+
+def _state(workdir, shards: dict[str, int], tag: str = "") -> None:
+    """Pretend the semantic filter kept ``rows`` rows in each shard; files named by content."""
+    rows = []
+    for shard, n in shards.items():
+        digest = f"{shard}-{n}{tag}".replace("/", "_")
+        kept = storage.write_parquet(f"{workdir}/embeddings/{shard}.{digest}.parquet", pa.table({"uid": list(range(n))}))
+        rows.append({"source": "s", "source_rank": 0, "shard": f"shards/s/{shard}", "tar": "-", "rows": n,
+                     "digest": digest, "kept": kept, "drops": "-"})
+    index = storage.write_parquet(f"{workdir}/index/embeddings.parquet", pa.Table.from_pylist(rows))
+    version = manifest.dataset_version(pa.table({"shard": [r["shard"] for r in rows],
+                                                 "digest": [r["digest"] for r in rows]}))
+    manifest.record_stage(str(workdir), "semantic_filter", {
+        "rows_in": sum(shards.values()), "rows_kept": sum(shards.values()), "drops_by_reason": {},
+        "dataset_version": version, "outputs": {"shard_index": index}})
+
+
+def test_publish_resolve_and_gc(tmp_path):
+    w, where = str(tmp_path), str(tmp_path / "catalog")
+    _state(w, {"c/00000": 10, "c/00001": 5})
+    first = catalog.publish_dataset(where, w, {}, CONFIG)
+    assert first["new"] and first["release"] == "v000001" and first["rows"] == 15 and first["shards"] == 2
+    assert not catalog.publish_dataset(where, w, {}, CONFIG)["new"], "an unchanged kept set is not a new version"
+    _state(w, {"c/00000": 10, "c/00001": 7, "c/00002": 3}, tag="b")  # a shard changed, one added
+    second = catalog.publish_dataset(where, w, {}, CONFIG)
+    assert second["release"] == "v000002" and second["previous"] == first["version"] and second["rows"] == 20
+    assert catalog.resolve(where)["version"] == second["version"]
+    assert catalog.resolve(where, "v000001")["version"] == first["version"]
+    assert catalog.resolve(where, first["version"])["release"] == "v000001"
+    with pytest.raises(catalog.CatalogError, match="'ds-nope' is not in"):
+        catalog.resolve(where, "ds-nope")
+    # both versions' files are there; keeping one version removes what only the first listed
+    old_only = set(catalog.kept_files(first).column("kept").to_pylist()) - \
+        set(catalog.kept_files(second).column("kept").to_pylist())
+    assert len(old_only) == 2 and all(storage.exists(u) for u in old_only)
+    assert catalog.gc(where, w, keep_versions=2) == []
+    assert sorted(catalog.gc(where, w, keep_versions=1)) == sorted(old_only)
+    assert all(storage.exists(u) for u in catalog.kept_files(second).column("kept").to_pylist())
+
+
+def test_resolve_on_an_empty_catalog_says_what_to_do(tmp_path):
+    with pytest.raises(catalog.CatalogError, match="run a data refresh first"):
+        catalog.resolve(str(tmp_path / "catalog"))
+
+
+def test_pca_refit_rule_measures_rows_in_new_changed_and_removed_shards(tmp_path):
+    def index(shards: dict[str, tuple[str, int]]) -> pa.Table:
+        return pa.table({"shard": list(shards), "digest": [d for d, _ in shards.values()],
+                         "rows": [n for _, n in shards.values()]})
+
+    fit = storage.write_parquet(str(tmp_path / "fit.parquet"), index({"a": ("1", 60), "b": ("2", 40)}))
+    for name in ("pca.npz", "report.json", "plot.png"):
+        (tmp_path / name).write_bytes(b"x")
+    previous = {"outputs": {"pca": str(tmp_path / "pca.npz"), "report": str(tmp_path / "report.json"),
+                            "plot": str(tmp_path / "plot.png"), "fit_shards": fit},
+                "config": {"pca": CONFIG.pca.model_dump(mode="json")}}
+    assert _kept_change_since(previous, index({"a": ("1", 60), "b": ("2", 40)}), CONFIG) == 0.0
+    # b changed (40 rows now 45), c is new (5): 50 of the 100 fitted rows
+    assert _kept_change_since(previous, index({"a": ("1", 60), "b": ("3", 45), "c": ("4", 5)}), CONFIG) == 0.5
+    assert _kept_change_since(previous, index({"a": ("1", 60)}), CONFIG) == 0.4  # b removed
+    other = CONFIG.model_copy(update={"pca": CONFIG.pca.model_copy(update={"n_components": 8})})
+    assert _kept_change_since(previous, index({"a": ("1", 60), "b": ("2", 40)}), other) is None
+    assert _kept_change_since(None, index({"a": ("1", 60)}), CONFIG) is None
+
+
+def test_held_out_shards_never_change_sides_as_the_dataset_grows():
+    files = pa.table({"shard": [f"shards/s/call-x/{i:05d}" for i in range(400)], "rows": [1] * 400})
+    _, held_small = split_files(files.slice(0, 200), 0.05)
+    train_big, held_big = split_files(files, 0.05)
+    assert 0 < held_small.num_rows < 30 and train_big.num_rows + held_big.num_rows == 400
+    assert set(held_small.column("shard").to_pylist()) <= set(held_big.column("shard").to_pylist())
+    assert split_files(files.slice(0, 2), 0.0001)[1].num_rows == 1, "two shards: one is held out"
+
+
+def test_task_run_names_give_the_shard_ranges():
+    shards = [{"shard": f"shards/clip/call-35ae12c86c73/{i:05d}"} for i in range(3)]
+    shards.append({"shard": "shards/dalle/call-9f0b11aa2233/00007"})
+    assert describe_shards(shards) == "clip/call-35ae12c8 00000-00002, dalle/call-9f0b11aa 00007"
+
+
+def test_a_second_refresh_of_a_dataset_waits_for_the_lock(prefect_api):
+    held, order = threading.Event(), []
+
+    def first():
+        with locks.refresh_lock("unit", "/cat", timeout_s=30):
+            order.append("first in")
+            held.set()
+            time.sleep(2)
+            order.append("first out")
+
+    t = threading.Thread(target=first)
+    t.start()
+    held.wait(30)
+    with pytest.raises(TimeoutError):  # refused when it may not wait long enough
+        with locks.refresh_lock("unit", "/cat", timeout_s=0.5):
+            pass
+    with locks.refresh_lock("unit", "/cat", timeout_s=30):  # waits, then runs
+        order.append("second in")
+    t.join()
+    assert order == ["first in", "first out", "second in"]
+    with locks.refresh_lock("unit", "/another-catalog", timeout_s=1):  # another dataset is not blocked
+        pass
