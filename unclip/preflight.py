@@ -30,11 +30,17 @@ def check_config(config: RunConfig, stages: tuple[str, ...]) -> None:
     from unclip.data import inputs
 
     if "ingest" in stages:
-        if config.ingest.distributor != "multiprocessing":
-            # the egress policy reaches img2dataset's workers through the environment of the processes
-            # it spawns; Ray and Spark executors are started elsewhere and would download unguarded
-            raise ConfigError(f"ingest.distributor: {config.ingest.distributor!r} is not supported yet: the URL "
-                              "policy is enforced only in img2dataset's multiprocessing workers")
+        if config.ingest.distributor == "pyspark":
+            # the egress policy reaches multiprocessing workers through their environment and Ray
+            # workers through the job's runtime_env; Spark executors get neither yet
+            raise ConfigError("ingest.distributor: 'pyspark' is not supported yet: the URL policy is enforced "
+                              "only in img2dataset's multiprocessing and ray workers")
+        if "ray" in (config.ingest.distributor, config.orchestration.task_runner):
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                field = "ingest.distributor" if config.ingest.distributor == "ray" else "orchestration.task_runner"
+                raise ConfigError(f"{field}: 'ray' needs the ray package (pip install prefect-ray)") from None
         found = []
         for i, source in enumerate(config.sources):
             try:
