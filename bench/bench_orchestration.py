@@ -8,11 +8,10 @@ The default run takes about 6 minutes on 2 cores, 4.5 of them in the unbatched 1
 
 What the data stages do with a shard list (unclip/flows/data.py, ``_run_batches``), with the work
 taken out: the list is cut into batches of ``shards_per_task`` (``unclip.tasks.common.batched``),
-one task run per batch is submitted to a ``ThreadPoolTaskRunner(max_parallel_tasks)``, the flow follows
-them with ``as_completed`` (where the stages advance their progress) and collects one result string
-per batch. The task is decorated like the stages'
-(``cache_policy=NO_CACHE``, retries) and takes the same kind of arguments (the batch number and a
-list of shard-index dicts).
+one task run per batch is submitted to a ``ThreadPoolTaskRunner(max_parallel_tasks)``, the flow
+follows them with ``as_completed`` (where the stages advance their progress) and collects one result
+string per batch. The task is decorated like the stages' (``cache_policy=NO_CACHE``, retries) and
+takes the same kind of arguments (the batch number and a list of shard-index dicts).
 
 The work per shard is genuinely the same in both arms: 64 rounds of sha256 over the shard's record
 (about 30 us here); a batch returns a digest of its shards' digests, as a stage's batch returns one URI.
@@ -294,7 +293,7 @@ def main() -> None:
             server.stop()
     total = time.monotonic() - t_all
 
-    lines = [f"$ .venv/bin/python bench/{Path(__file__).name} " + " ".join(sys.argv[1:]),
+    lines = [" ".join(["$ .venv/bin/python", f"bench/{Path(__file__).name}", *sys.argv[1:]]),
              f"# prefect {prefect.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
              f"ThreadPoolTaskRunner(max_workers={a.max_parallel_tasks}), {ROUNDS} sha256 rounds a shard, "
              f"SQLite database {db_mib:.1f} MiB at the end, whole run {total:.0f} s",

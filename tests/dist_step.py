@@ -14,6 +14,7 @@ import argparse
 
 import torch
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.tensor import DTensor
 
 from unclip.train import distributed
@@ -53,6 +54,7 @@ def step(ctx: distributed.DistContext, strategy: str, seed: int) -> dict:
     return {"world_size": ctx.world_size, "loss": distributed.all_reduce_mean(loss).cpu(), "grads": grads}
 
 
+@record  # a failing rank's traceback goes into torchrun's summary, the end of the log
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="Output .pt file (written by rank 0).")

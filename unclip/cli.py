@@ -145,6 +145,10 @@ def _free_or(port: int) -> int:
             return 0
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def serve(args) -> int:
     """``unclip server``: run until Ctrl-C; everything it started stops with it."""
     import signal as _signal
@@ -160,7 +164,8 @@ def serve(args) -> int:
               "stop it first with --stop", file=sys.stderr)
         return 1
     server = PrefectServer(home, port=args.port).start()
-    _signal.signal(_signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    for sig in (_signal.SIGINT, _signal.SIGTERM):  # also when started in the background (SIGINT ignored)
+        _signal.signal(sig, _interrupt)
     try:
         os.environ["PREFECT_API_URL"] = server.api_url
         server.ensure_pool()

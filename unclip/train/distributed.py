@@ -70,8 +70,9 @@ def launch(
     """Run ``module`` under torchrun on this node and wait for it; raise ``LaunchError`` on failure.
 
     stdout and stderr of torchrun and all its workers go to ``log_path`` (a local file, overwritten);
-    without one they go to a temporary file that is removed afterwards, and only a failure's tail is
-    kept, in the error. ``env`` is added to this process's environment. OMP_NUM_THREADS, unless set,
+    without one, to a temporary file removed afterwards, so only a failure's tail is kept, in the error.
+    Decorate the module's entry point with torch's ``@record`` and that tail ends with the failing
+    rank's traceback. ``env`` is added to this process's environment. OMP_NUM_THREADS, unless set,
     shares this machine's cores among the local processes, so they do not oversubscribe the CPU.
     On timeout or KeyboardInterrupt the job is stopped (SIGTERM, which torchrun forwards to its
     workers, then SIGKILL) before the exception propagates.
@@ -191,8 +192,8 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     if not dist.is_initialized():
         return tensor.detach()
     out = tensor.detach().clone()
-    dist.all_reduce(out)  # SUM: gloo has no AVG
-    return out / dist.get_world_size()
+    dist.all_reduce(out, op=dist.ReduceOp.AVG)
+    return out
 
 
 def is_main() -> bool:
