@@ -2,8 +2,9 @@
 
 Every process builds the same seeded model and the same seeded global batch of 2*B rows, takes its
 contiguous slice, and runs one forward/backward through ``wrap_model``. Rank 0 saves the global mean
-loss, the full gradients (FSDP shards gathered) and the world size to ``--out``. Without torchrun the
-one process takes the whole batch and the model is not wrapped: the reference a parallel run must match.
+loss, the full gradients (FSDP shards gathered), the world size and the wrapper's class to ``--out``.
+Without torchrun the one process takes the whole batch and the model is not wrapped: the reference a
+parallel run must match.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m dist_step --out step.pt
 """
@@ -51,17 +52,18 @@ def step(ctx: distributed.DistContext, strategy: str, seed: int) -> dict:
     for name, p in model.named_parameters():  # the unwrapped model's names: DDP's wrapper adds "module."
         g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         grads[name] = g.detach().cpu()
-    return {"world_size": ctx.world_size, "loss": distributed.all_reduce_mean(loss).cpu(), "grads": grads}
+    return {"world_size": ctx.world_size, "wrapper": type(wrapped).__name__,
+            "loss": distributed.all_reduce_mean(loss).cpu(), "grads": grads}
 
 
 @record  # a failing rank's traceback goes into torchrun's summary, the end of the log
-def main(argv: list[str] | None = None) -> None:
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="Output .pt file (written by rank 0).")
     ap.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
     ap.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
     ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
+    a = ap.parse_args()
     ctx = distributed.init(a.backend)
     try:
         result = step(ctx, a.strategy, a.seed)

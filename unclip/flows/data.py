@@ -92,10 +92,11 @@ def _work_dir(workdir: str, stage: str) -> str:
     return storage.join(workdir, stage, "work", uuid.uuid4().hex[:12])
 
 
-def _run_batches(config: RunConfig, task, batches: list, *args, progress: Progress | None = None) -> list:
+def _run_batches(config: RunConfig, task, batches: list, *args, progress: Progress | None = None,
+                 gpus: float = 0.0) -> list:
     """One task run per shard batch on the configured runner; progress advances as batches finish
     (in this process: the runner may be a process pool or a Ray cluster)."""
-    with runners.task_options(config.orchestration):
+    with runners.task_options(config.orchestration, gpus=gpus):
         futures = [task.submit(i, list(b), *args) for i, b in enumerate(batches)]
     sizes = {f.task_run_id: len(b) for f, b in zip(futures, batches)}
     for f in as_completed(futures):
@@ -204,9 +205,14 @@ def embed_flow(config: RunConfig, workdir: str) -> dict:
     model_id = embed_tasks.model_identity(cfg)
     result_uris = []
     with Progress("embed", len(shards), "embed: shards") as prog:
-        # one batch at a time: the model takes the whole machine (or its GPU)
-        for i, b in enumerate(batches):
-            result_uris.append(embed_tasks.embed_batch(i, list(b), workdir, cfg, model_id, progress=prog))
+        if config.orchestration.task_runner == "ray":
+            # on a cluster: batches in parallel, one GPU each where the cluster has GPUs
+            result_uris = _run_batches(config, embed_tasks.embed_batch, batches, workdir, cfg, model_id,
+                                       progress=prog, gpus=1.0)
+        else:
+            # locally, one batch at a time: the model takes the whole machine (or its GPU)
+            for i, b in enumerate(batches):
+                result_uris.append(embed_tasks.embed_batch(i, list(b), workdir, cfg, model_id, progress=prog))
     index, index_uri = _write_index(workdir, "embed", result_uris, embed_tasks.EMBED_RESULT_SCHEMA)
     storage.remove(storage.join(workdir, "embed", "work"), recursive=True)
     return _finish_stage(workdir, config, "embed", {

@@ -175,8 +175,8 @@ def wrap_model(model: nn.Module, strategy: Literal["ddp", "fsdp"], ctx: DistCont
     if not dist.is_initialized():
         return model
     if strategy == "ddp":
-        return nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
-                                                   else None)
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
