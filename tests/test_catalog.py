@@ -120,3 +120,27 @@ def test_a_second_refresh_of_a_dataset_waits_for_the_lock(prefect_api):
     assert order == ["first in", "first out", "second in"]
     with locks.refresh_lock("unit", "/another-catalog", timeout_s=1):  # another dataset is not blocked
         pass
+
+
+def test_unclip_datasets_and_runs_list_the_catalog(tmp_path, capsys):
+    import json
+
+    from unclip import cli
+
+    w = str(tmp_path)
+    assert cli.main(["datasets", "--workdir", w]) == 0
+    assert "no datasets in" in capsys.readouterr().out
+    _state(w, {"c/00000": 10})
+    release = catalog.publish_dataset(str(tmp_path / "catalog"), w, {}, CONFIG)
+    catalog.save_run(str(tmp_path / "catalog"), {
+        "run_id": "run-1", "state": "completed", "release": release["release"], "dataset_version": release["version"],
+        "pca_version": "pca-x", "code_version": "0.1.0", "started_at": "2026-01-01T00:00:00+00:00",
+        "metrics": {"eval_retrieval/image_to_text_recall@5": 0.25, "pca/rows": 10}})
+    assert cli.main(["datasets", "--workdir", w]) == 0
+    out = capsys.readouterr().out
+    assert "v000001" in out and release["version"] in out and "10" in out
+    assert cli.main(["runs", "--workdir", w]) == 0
+    out = capsys.readouterr().out
+    assert "run-1" in out and "completed" in out and "image_to_text_recall@5 0.25" in out and "pca/rows" not in out
+    assert cli.main(["runs", "--workdir", w, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["pca_version"] == "pca-x"

@@ -167,9 +167,8 @@ def serve(args) -> int:
     for sig in (_signal.SIGINT, _signal.SIGTERM):  # also when started in the background (SIGINT ignored)
         _signal.signal(sig, _interrupt)
     try:
-        os.environ["PREFECT_API_URL"] = server.api_url
         server.ensure_pool()
-        locks.ensure_gpu_limit(args.gpus)
+        server.set_tag_limit(locks.GPU_TAG, args.gpus)
         deployments = server.deploy_all()
         worker = None if args.no_worker else server.start_worker()
         print(f"Prefect UI:  {server.ui_url}\nAPI:         {server.api_url}\ndatabase:    {server.database}\n"

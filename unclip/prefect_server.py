@@ -157,6 +157,10 @@ class PrefectServer:
                 raise
             self.cli("work-pool", "create", name, "--type", kind)
 
+    def set_tag_limit(self, tag: str, limit: int) -> None:
+        """A task-run tag concurrency limit (created or updated): at most ``limit`` runs of ``tag`` at once."""
+        self.post("/concurrency_limits/", {"tag": tag, "concurrency_limit": limit})
+
     def deploy_all(self, project: str | Path = ROOT) -> list[dict]:
         """``prefect deploy --all`` from the project root (its prefect.yaml); the deployments back."""
         self.cli("deploy", "--all", cwd=project, UNCLIP_REPO=str(Path(project).resolve()))
