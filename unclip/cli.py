@@ -131,6 +131,7 @@ def _ui_server(workdir: str) -> str:
         print(f"unclip: started a Prefect server in the background at {server.ui_url} (pid {server.proc.pid}); "
               f"stop it with `unclip server --workdir {workdir} --stop`", file=sys.stderr)
     os.environ["PREFECT_API_URL"] = state["api_url"]
+    print(f"unclip: runs go to the Prefect server at {state['ui_url']}: watch them there", file=sys.stderr)
     return state["ui_url"]
 
 

@@ -303,6 +303,18 @@ def parse_config(data: dict, origin: str = "<dict>") -> RunConfig:
         raise ConfigError(_format_validation_error(err, origin)) from None
 
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_config_path(config: str | Path) -> str:
+    """A relative config path is looked up in the working directory, then in the project root (where
+    deployments name ``configs/...``)."""
+    path = Path(config)
+    if path.is_absolute() or path.exists():
+        return str(path)
+    return str(PROJECT_ROOT / path) if (PROJECT_ROOT / path).exists() else str(path)
+
+
 def load_config(path: str | Path, overrides: dict | None = None, variables: dict[str, str] | None = None
                 ) -> RunConfig:
     """Load a YAML run configuration, optionally deep-merging ``overrides`` on top.

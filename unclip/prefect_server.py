@@ -41,7 +41,9 @@ def quiet_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _sigterm_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+def terminate_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM a child started with ``start_new_session=True`` and its process group; SIGKILL the
+    group if it has not exited after ``grace_s``."""
     if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -187,10 +189,10 @@ class PrefectServer:
 
     def stop(self) -> None:
         for child in reversed(self.children):
-            _sigterm_group(child)
+            terminate_group(child)
         self.children.clear()
         if self.proc is not None:
-            _sigterm_group(self.proc)
+            terminate_group(self.proc)
             self.proc = None
         with contextlib.suppress(FileNotFoundError):
             (self.home / "server.json").unlink()

@@ -8,6 +8,8 @@ not break Prefect's server.
 
 from __future__ import annotations
 
+import importlib.util
+
 import os
 import site
 
@@ -29,18 +31,17 @@ def check_environment() -> None:
 def check_config(config: RunConfig, stages: tuple[str, ...]) -> None:
     from unclip.data import inputs
 
+    ray_fields = [f for f, v in (("orchestration.task_runner", config.orchestration.task_runner),
+                                 ("ingest.distributor", config.ingest.distributor if "ingest" in stages else ""))
+                  if v == "ray"]
+    if ray_fields and importlib.util.find_spec("ray") is None:
+        raise ConfigError(f"{ray_fields[0]}: 'ray' needs the ray package (pip install prefect-ray)")
     if "ingest" in stages:
         if config.ingest.distributor == "pyspark":
             # the egress policy reaches multiprocessing workers through their environment and Ray
             # workers through the job's runtime_env; Spark executors get neither yet
             raise ConfigError("ingest.distributor: 'pyspark' is not supported yet: the URL policy is enforced "
                               "only in img2dataset's multiprocessing and ray workers")
-        if "ray" in (config.ingest.distributor, config.orchestration.task_runner):
-            try:
-                import ray  # noqa: F401
-            except ImportError:
-                field = "ingest.distributor" if config.ingest.distributor == "ray" else "orchestration.task_runner"
-                raise ConfigError(f"{field}: 'ray' needs the ray package (pip install prefect-ray)") from None
         found = []
         for i, source in enumerate(config.sources):
             try:

@@ -29,7 +29,7 @@ def generate(workdir: str, config: RunConfig, size: int, seed: int) -> str:
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
-@flow(name="demo", flow_run_name=lambda: "demo")
+@flow(name="demo", flow_run_name="demo: {size} pairs, seed {seed}")
 def demo_flow(workdir: str, config: RunConfig | None = None, size: int = 2000, seed: int = 0,
               until: str = "pca") -> dict:
     """Generate (once), serve and run the data pipeline on the built-in demo data.

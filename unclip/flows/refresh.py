@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from unclip import catalog, locks, preflight, storage
-from unclip.config import STAGES, load_config
+from unclip.config import STAGES, load_config, resolve_config_path
 from unclip.flows.data import data_pipeline
 from unclip.tasks.common import publish_markdown
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _refresh_name() -> str:
@@ -48,7 +45,7 @@ def data_refresh(config: str = "configs/demo.yaml", workdir: str = "runs/demo",
     """
     log = get_run_logger()
     workdir = storage.absolute(workdir)
-    cfg = load_config(_config_path(config), overrides, variables={"workdir": workdir})
+    cfg = load_config(resolve_config_path(config), overrides, variables={"workdir": workdir})
     preflight.check_environment()
     preflight.check_config(cfg, STAGES)
     where = catalog.catalog_uri(cfg, workdir)
@@ -71,14 +68,6 @@ def data_refresh(config: str = "configs/demo.yaml", workdir: str = "runs/demo",
             "rows": release["rows"], "pca_version": release["pca_version"], "catalog": where,
             "removed_files": len(removed),
             "stages": {s: {k: r[k] for k in ("rows_in", "rows_kept", "drops_by_reason")} for s, r in records.items()}}
-
-
-def _config_path(config: str) -> str:
-    """A relative config path is looked up in the working directory, then in the project root."""
-    path = Path(config)
-    if path.is_absolute() or path.exists():
-        return str(path)
-    return str(ROOT / path) if (ROOT / path).exists() else str(path)
 
 
 def _demo_server(workdir: str, cfg, size: int = 2000):

@@ -22,8 +22,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from unclip import catalog, locks, manifest, storage
-from unclip.config import RunConfig, load_config
-from unclip.flows.refresh import _config_path
+from unclip.config import RunConfig, load_config, resolve_config_path
 from unclip.tasks.common import publish_markdown
 from unclip.train import distributed, stages
 
@@ -127,7 +126,7 @@ def _publish_run(run: dict) -> None:
 def retrain(params: RetrainParams = RetrainParams()) -> dict:
     """Run the staged trainings and evaluations on a dataset version; record the run in the catalog."""
     workdir = storage.absolute(params.workdir)
-    cfg = load_config(_config_path(params.config), params.overrides, variables={"workdir": workdir})
+    cfg = load_config(resolve_config_path(params.config), params.overrides, variables={"workdir": workdir})
     where = catalog.catalog_uri(cfg, workdir)
     release = catalog.resolve(where, params.dataset_version)
     started = dt.datetime.now(dt.timezone.utc)
@@ -154,7 +153,7 @@ def evaluate(params: EvaluateParams) -> dict:
     workdir = storage.absolute(params.workdir)
     where = params.catalog or storage.join(workdir, "catalog")
     run = catalog.get_run(where, params.run_id)
-    cfg = (load_config(_config_path(params.config), variables={"workdir": workdir}) if params.config
+    cfg = (load_config(resolve_config_path(params.config), variables={"workdir": workdir}) if params.config
            else RunConfig.model_validate(run["config"]))
     release = catalog.resolve(where, run["dataset_version"])
     run = _run_stages(run, cfg, release, list(params.stages), where, workdir)

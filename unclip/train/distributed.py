@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from unclip.config import LaunchConfig
-from unclip.prefect_server import _sigterm_group
+from unclip.prefect_server import terminate_group
 
 # torchrun gives its workers 30 s (its default --shutdown-timeout) between SIGTERM and SIGKILL; its
 # workers live in their own sessions, out of reach of our group kill, so torchrun must outlive them.
@@ -86,12 +86,12 @@ def launch(
         try:
             returncode = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            _sigterm_group(proc, _STOP_GRACE_S)
+            terminate_group(proc, _STOP_GRACE_S)
             tail = _tail(path)
             raise LaunchError(f"torchrun -m {module} timed out after {timeout_s:g} s and was stopped; "
                               f"last lines of its log{_where(log_path)}:\n{tail}", None, tail) from None
         except BaseException:
-            _sigterm_group(proc, _STOP_GRACE_S)
+            terminate_group(proc, _STOP_GRACE_S)
             raise
         if returncode != 0:
             tail = _tail(path)
