@@ -31,6 +31,10 @@ def test_shipped_configs_load():
     assert paper.embed.model.arch == "unclip-ViT-H-16-256"
     assert [s.for_generative for s in paper.sources] == [False, True]
     assert paper.ingest.url_policy.allow_hosts == ()
+    # the paper run scales out: Ray for shard tasks and downloads, FSDP over 8 GPUs for training
+    assert (paper.orchestration.task_runner, paper.ingest.distributor) == ("ray", "ray")
+    assert (paper.train.launch.strategy, paper.train.launch.nproc_per_node) == ("fsdp", 8)
+    assert (demo.train.launch.strategy, demo.orchestration.task_runner) == ("ddp", "thread")
 
 
 @pytest.mark.parametrize(
@@ -39,6 +43,9 @@ def test_shipped_configs_load():
         (lambda d: d["ingest"].update(bogus=1), "ingest.bogus: unknown field"),
         (lambda d: d["ingest"].update(threads=0), "ingest.threads"),
         (lambda d: d["pca"].update(n_buckets=1), "pca.n_buckets"),
+        (lambda d: d["orchestration"].update(task_runner="dask"), "orchestration.task_runner"),
+        (lambda d: d["train"]["launch"].update(nnodes=2), "train.launch: Value error, rdzv_endpoint"),
+        (lambda d: d["train"]["launch"].update(strategy="zero"), "train.launch.strategy"),
         (lambda d: d["sources"][1].update(name="Bad Name"), "sources[1].name"),
         (lambda d: d["sources"][0].pop("url_list"), "sources[0].url_list"),
         (lambda d: d.update(sources=[]), "sources"),
