@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=4200)
     sv.add_argument("--gpus", type=int, default=1, help="slots of the 'gpu' concurrency tag (default 1)")
     sv.add_argument("--no-worker", action="store_true", help="serve and deploy only")
+    sv.add_argument("--auth", default=os.environ.get("PREFECT_SERVER_API_AUTH_STRING"),
+                    help="basic auth 'user:password' (Prefect's PREFECT_SERVER_API_AUTH_STRING; clients then "
+                    "need PREFECT_API_AUTH_STRING)")
     sv.add_argument("--stop", action="store_true", help="stop a server this workdir started in the background")
 
     for name, what in (("datasets", "dataset versions in the catalog"), ("runs", "training runs and their lineage")):
@@ -164,7 +167,7 @@ def serve(args) -> int:
         print(f"unclip: a server for this workdir is already running ({home / 'server.json'}); "
               "stop it first with --stop", file=sys.stderr)
         return 1
-    server = PrefectServer(home, port=args.port).start()
+    server = PrefectServer(home, port=args.port, auth=args.auth).start()
     for sig in (_signal.SIGINT, _signal.SIGTERM):  # also when started in the background (SIGINT ignored)
         _signal.signal(sig, _interrupt)
     try:
