@@ -144,3 +144,36 @@ def test_unclip_datasets_and_runs_list_the_catalog(tmp_path, capsys):
     assert "run-1" in out and "completed" in out and "image_to_text_recall@5 0.25" in out and "pca/rows" not in out
     assert cli.main(["runs", "--workdir", w, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["pca_version"] == "pca-x"
+
+
+def test_gpu_stages_carry_the_gpu_tag_and_the_limit_exists(tmp_path, prefect_api):
+    """A training stage registered with gpu=True runs as a task tagged `gpu` under a tag limit."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from unclip.flows.retrain import _run_stages
+    from unclip.train import stages
+
+    w, where = str(tmp_path), str(tmp_path / "catalog")
+    _state(w, {"c/00000": 4, "c/00001": 4})
+    release = catalog.publish_dataset(where, w, {}, CONFIG)
+    seen = {}
+
+    def toy(ctx):
+        from prefect.context import TaskRunContext
+
+        seen["tags"] = set(TaskRunContext.get().task_run.tags)
+        return {"outputs": {}, "metrics": {"train_rows": int(sum(ctx.train_files.column("rows").to_pylist()))}}
+
+    stages.register(stages.Stage("toy_gpu", "train", toy, "test stage", gpu=True))
+    try:
+        @flow
+        def run_it():
+            return _run_stages({"run_id": "r", "run_dir": w}, CONFIG, release, ["toy_gpu"], where, w)
+
+        run = run_it()
+    finally:
+        del stages.REGISTRY["toy_gpu"]
+    assert "gpu" in seen["tags"] and run["state"] == "completed" and run["metrics"]["toy_gpu/train_rows"] > 0
+    with get_client(sync_client=True) as client:
+        assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == CONFIG.train.launch.gpu_slots

@@ -123,6 +123,8 @@ def test_a_new_url_list_downloads_only_its_rows_and_publishes_a_new_version(serv
     workdir, server = service["workdir"], service["server"]
     before = catalog.latest(str(workdir / "catalog"))
     tars = _tars(workdir)
+    embedded = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(workdir / "embed" / "candidates" / "**" / "*.parquet"),
+                                                                 recursive=True)}
     demo_source.add_demo_list(str(workdir / "demo"), "dalle", NEW_ROWS, seed=11)
     run = _wait(server, _trigger(service, "data-refresh", _refresh(service)))
     assert run["state_type"] == "COMPLETED"
@@ -133,6 +135,10 @@ def test_a_new_url_list_downloads_only_its_rows_and_publishes_a_new_version(serv
     ingest = manifest.stage(str(workdir), "ingest")
     assert ingest["metrics"]["partitions_downloaded"] == 1
     assert ingest["rows_in"] == SIZE + NEW_ROWS
+    # only the new shard was embedded; 25 new of ~190 fitted rows is past refit_min_change (5%)
+    assert {p: os.stat(p).st_mtime_ns for p in embedded} == embedded
+    pca = manifest.stage(str(workdir), "pca")["metrics"]
+    assert pca["refit"] and pca["kept_change_since_fit"] == pytest.approx(NEW_ROWS / before["rows"])
     got = catalog.latest(str(workdir / "catalog"))
     assert got["release"] == "v000002" and got["previous"] == before["version"]
     assert got["rows"] == before["rows"] + NEW_ROWS
@@ -153,8 +159,11 @@ def test_two_refreshes_at_once_run_one_after_the_other(service, first):
     (a0, a1), (b0, b1) = sorted(held[i] for i in ids)
     assert a1 <= b0, "both refreshes held the dataset at once"
     versions = catalog.datasets(str(workdir / "catalog"))
-    # the first published the new list's rows, the second found nothing changed
+    # the first published the new list's rows, the second found nothing changed and kept the PCA
     assert [v["release"] for v in versions] == before + [f"v{len(before) + 1:06d}"]
+    pca = manifest.stage(str(workdir), "pca")["metrics"]
+    assert not pca["refit"] and pca["kept_change_since_fit"] == 0.0
+    assert manifest.stage(str(workdir), "pca")["pca_version"] == versions[-1]["pca_version"]
     for release in versions:
         files = catalog.kept_files(release)
         assert sum(pq.read_metadata(f).num_rows for f in files.column("kept").to_pylist()) == release["rows"]
@@ -162,6 +171,11 @@ def test_two_refreshes_at_once_run_one_after_the_other(service, first):
 
 def test_retrain_and_evaluate_through_their_deployments(service, first):
     server, workdir = service["server"], service["workdir"]
+    # the UI's form: the parameters are the pydantic model, with its fields and their descriptions
+    schema = service["deployments"]["retrain"]["parameter_openapi_schema"]
+    fields = schema["definitions"]["RetrainParams"]["properties"]
+    assert {"dataset_version", "stages", "config", "overrides", "run_name"} <= set(fields)
+    assert fields["stages"]["items"]["enum"] == ["pca", "eval_pca", "eval_retrieval"]
     run = _wait(server, _trigger(service, "retrain", {"params": {"workdir": str(workdir), "run_name": "ci"}}))
     assert run["state_type"] == "COMPLETED"
     assert run["name"].startswith("retrain: pca,eval_pca,eval_retrieval on latest")
