@@ -2,7 +2,8 @@
 
 The same demo URL lists run through the whole data pipeline twice: once with the defaults (thread
 pool task runner, img2dataset's multiprocessing distributor), once on a local Ray (prefect-ray task
-runner for the shard stages, img2dataset's ray distributor for the downloads). Kept rows, their
+runner for the shard stages, img2dataset's ray distributor for the downloads); the shard stages
+then run again on the first workdir with the process-pool runner. Kept rows, their
 embeddings and every drop with its reason must be the same. The demo lists plant refused addresses
 (loopback, private, link-local), so equal drop reasons also show that the URL policy reached
 img2dataset's Ray workers.
@@ -61,6 +62,13 @@ def test_ray_runner_and_distributor_match_the_defaults(tmp_path, prefect_api):
     with spec.server():
         a = data_pipeline(config=local, workdir=str(tmp_path / "local"))
         b = data_pipeline(config=on_ray, workdir=str(tmp_path / "ray"))
+    # the local process pool, re-running the shard stages on the first workdir (nothing to download)
+    in_processes = local.model_copy(update={"orchestration": local.orchestration.model_copy(
+        update={"task_runner": "process"})})
+    c = data_pipeline(config=in_processes, workdir=str(tmp_path / "local"))
+    for stage in a:
+        assert (a[stage]["rows_kept"], a[stage]["drops_by_reason"], a[stage]["dataset_version"]) == \
+               (c[stage]["rows_kept"], c[stage]["drops_by_reason"], c[stage]["dataset_version"]), stage
     for stage in a:
         assert (a[stage]["rows_in"], a[stage]["rows_kept"], a[stage]["drops_by_reason"]) == \
                (b[stage]["rows_in"], b[stage]["rows_kept"], b[stage]["drops_by_reason"]), stage
