@@ -44,23 +44,42 @@ def test_publish_resolve_and_gc(tmp_path):
     _state(w, {"c/00000": 10, "c/00001": 7, "c/00002": 3}, tag="b")  # a shard changed, one added
     second = catalog.publish_dataset(where, w, {}, CONFIG)
     assert second["release"] == "v000002" and second["previous"] == first["version"] and second["rows"] == 20
-    assert catalog.resolve(where)["version"] == second["version"]
-    assert catalog.resolve(where, "v000001")["version"] == first["version"]
-    assert catalog.resolve(where, first["version"])["release"] == "v000001"
-    with pytest.raises(catalog.CatalogError, match="'ds-nope' is not in"):
-        catalog.resolve(where, "ds-nope")
+    assert catalog.resolve(where, "unit")["version"] == second["version"]
+    assert catalog.resolve(where, "unit", "v000001")["version"] == first["version"]
+    assert catalog.resolve(where, "unit", first["version"])["release"] == "v000001"
+    with pytest.raises(catalog.CatalogError, match="has no version 'ds-nope'"):
+        catalog.resolve(where, "unit", "ds-nope")
     # both versions' files are there; keeping one version removes what only the first listed
     old_only = set(catalog.kept_files(first).column("kept").to_pylist()) - \
         set(catalog.kept_files(second).column("kept").to_pylist())
     assert len(old_only) == 2 and all(storage.exists(u) for u in old_only)
-    assert catalog.gc(where, w, keep_versions=2) == []
-    assert sorted(catalog.gc(where, w, keep_versions=1)) == sorted(old_only)
+    assert catalog.gc(where, w, "unit", keep_versions=2) == []
+    # a run in progress on v000001 protects its files
+    catalog.save_run(where, {"run_id": "r1", "state": "running pca", "dataset_version": first["version"]})
+    assert catalog.gc(where, w, "unit", keep_versions=1) == []
+    catalog.save_run(where, {"run_id": "r1", "state": "completed", "dataset_version": first["version"]})
+    assert sorted(catalog.gc(where, w, "unit", keep_versions=1)) == sorted(old_only)
+    assert all(storage.exists(u) for u in catalog.kept_files(second).column("kept").to_pylist())
+    with pytest.raises(catalog.CatalogError, match="removed by gc"):
+        catalog.resolve(where, "unit", "v000001")
+    assert catalog.gc(where, w, "unit", keep_versions=1) == []  # collected releases are not read again
+    # the workdir knows its catalog; another workdir may not publish the same dataset
+    assert catalog.locate(w) == (where, "unit")
+    other = str(tmp_path / "other")
+    _state(other, {"c/00000": 1})
+    with pytest.raises(catalog.CatalogError, match="is refreshed from"):
+        catalog.publish_dataset(where, other, {}, CONFIG)
+    # ... but another dataset can share the catalog without touching this one
+    renamed = CONFIG.model_copy(update={"name": "unit2"})
+    assert catalog.publish_dataset(where, other, {}, renamed)["release"] == "v000001"
+    assert catalog.gc(where, other, "unit2", keep_versions=1) == []
+    assert [r["name"] for r in catalog.datasets(where)] == ["unit", "unit", "unit2"]
     assert all(storage.exists(u) for u in catalog.kept_files(second).column("kept").to_pylist())
 
 
 def test_resolve_on_an_empty_catalog_says_what_to_do(tmp_path):
     with pytest.raises(catalog.CatalogError, match="run a data refresh first"):
-        catalog.resolve(str(tmp_path / "catalog"))
+        catalog.resolve(str(tmp_path / "catalog"), "unit")
 
 
 def test_pca_refit_rule_measures_rows_in_new_changed_and_removed_shards(tmp_path):

@@ -121,7 +121,7 @@ def test_data_refresh_runs_through_the_deployment_and_reports_in_the_api(service
 
 def test_a_new_url_list_downloads_only_its_rows_and_publishes_a_new_version(service, first):
     workdir, server = service["workdir"], service["server"]
-    before = catalog.latest(str(workdir / "catalog"))
+    before = catalog.latest(str(workdir / "catalog"), "demo")
     tars = _tars(workdir)
     embedded = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(workdir / "embed" / "candidates" / "**" / "*.parquet"),
                                                                  recursive=True)}
@@ -139,7 +139,7 @@ def test_a_new_url_list_downloads_only_its_rows_and_publishes_a_new_version(serv
     assert {p: os.stat(p).st_mtime_ns for p in embedded} == embedded
     pca = manifest.stage(str(workdir), "pca")["metrics"]
     assert pca["refit"] and pca["kept_change_since_fit"] == pytest.approx(NEW_ROWS / before["rows"])
-    got = catalog.latest(str(workdir / "catalog"))
+    got = catalog.latest(str(workdir / "catalog"), "demo")
     assert got["release"] == "v000002" and got["previous"] == before["version"]
     assert got["rows"] == before["rows"] + NEW_ROWS
     # the older version is intact: every file it lists is still there, with the rows it says
@@ -181,7 +181,7 @@ def test_retrain_and_evaluate_through_their_deployments(service, first):
     assert run["name"].startswith("retrain: pca,eval_pca,eval_retrieval on latest")
     runs = catalog.runs(str(workdir / "catalog"))
     assert len(runs) == 1 and runs[0]["state"] == "completed" and runs[0]["name"] == "ci"
-    latest = catalog.latest(str(workdir / "catalog"))
+    latest = catalog.latest(str(workdir / "catalog"), "demo")
     assert runs[0]["dataset_version"] == latest["version"]
     assert 0 <= runs[0]["metrics"]["eval_retrieval/image_to_text_recall@10"] <= 1
     ev = _wait(server, _trigger(service, "evaluate", {"params": {"workdir": str(workdir),

@@ -2,8 +2,8 @@
 
 Layout under the catalog URI (``catalog.uri``, default ``<workdir>/catalog``)::
 
-    datasets/v000001-ds-<hash>.json          one release: lineage of every stage, counts, PCA, code
-    datasets/v000001-ds-<hash>.files.parquet its kept files: source, shard, rows, digest, kept URI
+    datasets/<name>/v000001-ds-<hash>.json          one release: lineage of every stage, counts, PCA, code
+    datasets/<name>/v000001-ds-<hash>.files.parquet its kept files: source, shard, rows, digest, kept URI
     runs/<run id>.json                       one training/evaluation run and its lineage
     refreshes/<time>-<flow run>.json         each refresh: when it held the lock, what it published
 
@@ -12,8 +12,11 @@ its record is written last (atomically), so a reader never sees a half-written v
 release lists are immutable: the final embeddings are named by the digest of their kept keys
 (``embeddings/<source>/<call>/<n>.<digest>.parquet``), so a later refresh that changes a shard writes
 a new file beside the old one. ``gc`` removes the files that only versions older than the newest
-``catalog.keep_versions`` still list. Publication happens under the refresh lock (one refresh per
-dataset at a time), which is what makes the sequence numbers safe.
+``catalog.keep_versions`` still list (not those of a version a run in progress uses) and marks those
+versions collected. Several datasets can share a catalog, each under its own name and refreshed from
+one workdir. Publication happens under the dataset's refresh lock (one refresh per dataset at a
+time), which is what makes its sequence numbers safe. The workdir's manifest records where its
+catalog is (``manifest.json`` ``catalog``), so the CLI and ``evaluate`` find it from the workdir.
 """
 
 from __future__ import annotations
@@ -40,37 +43,52 @@ def catalog_uri(config: RunConfig, workdir: str) -> str:
     return config.catalog.uri or storage.join(workdir, "catalog")
 
 
+def locate(workdir: str) -> tuple[str, str | None]:
+    """(catalog URI, dataset name) a workdir publishes to: from its manifest, else the default."""
+    m = manifest.load(workdir).get("catalog") or {}
+    return m.get("uri") or storage.join(workdir, "catalog"), m.get("dataset")
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 # -- dataset versions ---------------------------------------------------------------------------------
-def datasets(catalog: str) -> list[dict]:
-    """Every released dataset version, oldest first."""
-    folder = storage.join(catalog, "datasets")
-    if not storage.exists(folder):
-        return []
-    names = sorted(n.rsplit("/", 1)[-1] for n in storage.listdir(folder))
-    return [storage.read_json(storage.join(folder, n)) for n in names if _RELEASE.match(n)]
+def dataset_names(catalog: str) -> list[str]:
+    return [u.rsplit("/", 1)[-1] for u in storage.listdir(storage.join(catalog, "datasets"))]
 
 
-def latest(catalog: str) -> dict | None:
-    found = datasets(catalog)
+def datasets(catalog: str, name: str | None = None) -> list[dict]:
+    """The released versions of dataset ``name`` (every dataset when None), oldest first."""
+    found = []
+    for ds in ([name] if name else dataset_names(catalog)):
+        folder = storage.join(catalog, "datasets", ds)
+        files = sorted(u.rsplit("/", 1)[-1] for u in storage.listdir(folder))
+        found += [storage.read_json(storage.join(folder, f)) for f in files if _RELEASE.match(f)]
+    return found
+
+
+def latest(catalog: str, name: str) -> dict | None:
+    found = [r for r in datasets(catalog, name) if not r.get("collected_at")]
     return found[-1] if found else None
 
 
-def resolve(catalog: str, version: str = "latest") -> dict:
-    """The release named ``version`` (a ``ds-...`` hash, a ``v000003`` sequence name, or ``latest``)."""
-    found = datasets(catalog)
+def resolve(catalog: str, name: str, version: str = "latest") -> dict:
+    """Dataset ``name``'s release ``version`` (a ``ds-...`` hash, a ``v000003`` name, or ``latest``)."""
+    found = datasets(catalog, name)
     if not found:
-        raise CatalogError(f"no dataset version in {catalog} yet: run a data refresh first")
+        raise CatalogError(f"no version of dataset {name!r} in {catalog} yet: run a data refresh first")
     if version in ("latest", "", None):
-        return found[-1]
+        live = [r for r in found if not r.get("collected_at")]
+        return live[-1]
     for r in reversed(found):
         if version in (r["version"], r["release"]):
+            if r.get("collected_at"):
+                raise CatalogError(f"dataset {name!r} {r['release']} ({r['version']}): its files were removed by "
+                                   f"gc at {r['collected_at']} (catalog.keep_versions)")
             return r
     known = ", ".join(r["release"] for r in found[-5:])
-    raise CatalogError(f"dataset version {version!r} is not in {catalog} (latest: {known})")
+    raise CatalogError(f"dataset {name!r} has no version {version!r} in {catalog} (latest: {known})")
 
 
 def kept_files(release: dict) -> pa.Table:
@@ -80,19 +98,23 @@ def kept_files(release: dict) -> pa.Table:
 
 def publish_dataset(catalog: str, workdir: str, records: dict[str, dict], config: RunConfig,
                     flow_run: dict | None = None) -> dict:
-    """Release the workdir's current kept set as a dataset version, unless it is the latest already.
-
-    Returns the release record, with ``"new": False`` when nothing changed since the latest one.
+    """Release the workdir's current kept set as a version of dataset ``config.name``, unless it is
+    the latest one already. A dataset is refreshed from one workdir: publishing it from another is
+    refused. Returns the release record, with ``"new": False`` when nothing changed.
     """
     final = records.get("semantic_filter") or manifest.stage(workdir, "semantic_filter")
     pca_rec = records.get("pca") or manifest.load(workdir)["stages"].get("pca")
-    previous = latest(catalog)
+    found = datasets(catalog, config.name)
+    previous = found[-1] if found else None
+    if previous and previous["workdir"] != workdir:
+        raise CatalogError(f"dataset {config.name!r} in {catalog} is refreshed from {previous['workdir']}, not "
+                           f"{workdir}: give this one another `name` in its config")
     if previous and previous["version"] == final["dataset_version"] and \
             previous.get("pca_version") == (pca_rec or {}).get("pca_version"):
         return {**previous, "new": False}
     seq = (previous["seq"] + 1) if previous else 1
     release = f"v{seq:06d}"
-    stem = storage.join(catalog, "datasets", f"{release}-{final['dataset_version']}")
+    stem = storage.join(catalog, "datasets", config.name, f"{release}-{final['dataset_version']}")
     index = storage.read_parquet(final["outputs"]["shard_index"])
     files = index.filter(pc.greater(index.column("rows"), 0)).select(FILES_COLUMNS)
     files_uri = storage.write_parquet(stem + ".files.parquet", files)
@@ -109,25 +131,36 @@ def publish_dataset(catalog: str, workdir: str, records: dict[str, dict], config
         "config": config.model_dump(mode="json"),
     }
     storage.write_json(stem + ".json", record, sort_keys=False)  # last: the release exists from here on
+    manifest.set_catalog(workdir, catalog, config.name)
     return {**record, "new": True}
 
 
-def gc(catalog: str, workdir: str, keep_versions: int) -> list[str]:
-    """Remove final-embeddings files that neither the newest ``keep_versions`` releases nor the
-    workdir's current index list. Returns the removed URIs."""
-    found = datasets(catalog)
+def _release_uri(catalog: str, release: dict) -> str:
+    return storage.join(catalog, "datasets", release["name"], f"{release['release']}-{release['version']}.json")
+
+
+def gc(catalog: str, workdir: str, name: str, keep_versions: int) -> list[str]:
+    """Remove the final-embeddings files of dataset ``name``'s releases older than the newest
+    ``keep_versions``, except files that a kept release, a run still in progress, or the workdir's
+    current index uses. Collected releases are marked (``collected_at``) and never read again.
+    Returns the removed URIs."""
+    found = datasets(catalog, name)
     keep = set()
-    for r in found[-keep_versions:]:
+    busy = {r["dataset_version"] for r in runs(catalog) if r.get("state", "").startswith(("running", "starting"))}
+    for r in found[-keep_versions:] + [r for r in found if r["version"] in busy and not r.get("collected_at")]:
         keep.update(kept_files(r).column("kept").to_pylist())
     current = storage.join(workdir, "index", "embeddings.parquet")
     if storage.exists(current):
         keep.update(u for u in storage.read_parquet(current, columns=["kept"]).column("kept").to_pylist() if u)
-    listed = set()
+    removed = []
     for r in found[:-keep_versions]:
-        listed.update(kept_files(r).column("kept").to_pylist())
-    removed = sorted(u for u in listed - keep if storage.exists(u))
-    for u in removed:
-        storage.remove(u)
+        if r.get("collected_at") or r["version"] in busy:
+            continue
+        for u in kept_files(r).column("kept").to_pylist():
+            if u not in keep and storage.exists(u):
+                storage.remove(u)
+                removed.append(u)
+        storage.write_json(_release_uri(catalog, r), {**r, "collected_at": _now()}, sort_keys=False)
     return removed
 
 

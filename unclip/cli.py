@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, what in (("datasets", "dataset versions in the catalog"), ("runs", "training runs and their lineage")):
         c = sub.add_parser(name, help=f"list the {what}")
         c.add_argument("--workdir", required=True)
-        c.add_argument("--catalog", default=None, help="catalog URI (default WORKDIR/catalog)")
+        c.add_argument("--catalog", default=None, help="catalog URI (default: where WORKDIR publishes)")
         c.add_argument("--json", action="store_true", help="print the full records as JSON")
     return p
 
@@ -195,7 +195,7 @@ def list_catalog(args) -> int:
 
     from unclip import catalog, storage
 
-    where = args.catalog or storage.join(storage.absolute(args.workdir), "catalog")
+    where = args.catalog or catalog.locate(storage.absolute(args.workdir))[0]
     rows = catalog.datasets(where) if args.command == "datasets" else catalog.runs(where)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -204,10 +204,10 @@ def list_catalog(args) -> int:
         print(f"no {args.command} in {where}")
         return 0
     if args.command == "datasets":
-        head = f"{'release':<9}{'version':<21}{'created':<27}{'rows':>10}{'shards':>8}  {'pca':<17}{'code':<28}previous"
+        head = f"{'dataset':<12}{'release':<9}{'version':<21}{'created':<27}{'rows':>10}{'shards':>8}  {'pca':<17}{'code':<28}previous"
         print(head + "\n" + "-" * len(head))
         for r in rows:
-            print(f"{r['release']:<9}{r['version']:<21}{r['created_at']:<27}{r['rows']:>10,}{r['shards']:>8,}  "
+            print(f"{r['name']:<12}{r['release']:<9}{r['version']:<21}{r['created_at']:<27}{r['rows']:>10,}{r['shards']:>8,}  "
                   f"{str(r.get('pca_version')):<17}{r['code_version']:<28}{r.get('previous') or '-'}")
     else:
         head = f"{'run':<30}{'state':<12}{'dataset':<29}{'pca':<17}{'code':<28}key metrics"

@@ -67,6 +67,14 @@ def record_stage(workdir: str, name: str, record: dict, run_config: dict | None 
     return m
 
 
+def set_catalog(workdir: str, catalog: str, dataset: str) -> None:
+    """Record where this workdir's dataset versions are published."""
+    m = load(workdir)
+    if m.get("catalog") != {"uri": catalog, "dataset": dataset}:
+        m["catalog"] = {"uri": catalog, "dataset": dataset}
+        storage.write_json(manifest_uri(workdir), m, sort_keys=False)
+
+
 def _stage_rank(stage: str) -> int:
     from unclip.config import STAGES
 

@@ -49,7 +49,7 @@ class EvaluateParams(BaseModel):
 
     run_id: str = Field(description="The run to evaluate (see `unclip runs`).")
     workdir: str = Field("runs/demo", description="The dataset's working directory.")
-    catalog: str | None = Field(None, description="The catalog holding the run; default <workdir>/catalog.")
+    catalog: str | None = Field(None, description="The catalog holding the run; default: the workdir's.")
     config: str | None = Field(None, description="Config YAML; default: the one the run was made with.")
     stages: list[EvalName] = Field(default_factory=lambda: list(stages.names("eval")))
 
@@ -128,7 +128,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
     workdir = storage.absolute(params.workdir)
     cfg = load_config(resolve_config_path(params.config), params.overrides, variables={"workdir": workdir})
     where = catalog.catalog_uri(cfg, workdir)
-    release = catalog.resolve(where, params.dataset_version)
+    release = catalog.resolve(where, cfg.name, params.dataset_version)
     started = dt.datetime.now(dt.timezone.utc)
     run_id = f"run-{started:%Y%m%d-%H%M%S}-{str(flow_run.id or 'local')[:6]}"
     run = {"run_id": run_id, "name": params.run_name, "kind": "retrain", "state": "starting",
@@ -151,11 +151,11 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
 def evaluate(params: EvaluateParams) -> dict:
     """Run the evaluation stages on a finished run; its metrics are added to the run's record."""
     workdir = storage.absolute(params.workdir)
-    where = params.catalog or storage.join(workdir, "catalog")
+    where = params.catalog or catalog.locate(workdir)[0]
     run = catalog.get_run(where, params.run_id)
     cfg = (load_config(resolve_config_path(params.config), variables={"workdir": workdir}) if params.config
            else RunConfig.model_validate(run["config"]))
-    release = catalog.resolve(where, run["dataset_version"])
+    release = catalog.resolve(where, run["config"]["name"], run["dataset_version"])
     run = _run_stages(run, cfg, release, list(params.stages), where, workdir)
     _publish_run(run)
     return run
