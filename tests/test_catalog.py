@@ -196,3 +196,30 @@ def test_gpu_stages_carry_the_gpu_tag_and_the_limit_exists(tmp_path, prefect_api
     assert "gpu" in seen["tags"] and run["state"] == "completed" and run["metrics"]["toy_gpu/train_rows"] > 0
     with get_client(sync_client=True) as client:
         assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit == CONFIG.train.launch.gpu_slots
+
+
+def test_one_pipeline_run_per_workdir(tmp_path):
+    w = str(tmp_path / "w")
+    with locks.workdir_lock(w, timeout_s=1):
+        with pytest.raises(locks.WorkdirBusy, match="is in use by another run"):
+            with locks.workdir_lock(w, timeout_s=0.5):
+                pass
+        with locks.workdir_lock(str(tmp_path / "other"), timeout_s=0.5):  # another workdir is free
+            pass
+    with locks.workdir_lock(w, timeout_s=0.5):  # released with the block
+        pass
+    # a holder that dies without releasing (SIGKILL) frees it: the kernel drops the flock
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom unclip import locks\n"
+                               f"with locks.workdir_lock({w!r}, 5):\n    print('held', flush=True)\n"
+                               "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(locks.WorkdirBusy):
+        with locks.workdir_lock(w, timeout_s=0.5):
+            pass
+    holder.kill()
+    holder.wait()
+    with locks.workdir_lock(w, timeout_s=5):
+        pass

@@ -261,7 +261,7 @@ class CatalogConfig(_Strict):
 class RunConfig(_Strict):
     """Everything a data run needs, apart from its working directory."""
 
-    name: str = "unclip"
+    name: str = Field("unclip", description="The dataset's name in the catalog: [a-z0-9][a-z0-9_-]*.")
     sources: tuple[SourceConfig, ...] = Field(min_length=1)
     ingest: IngestConfig = IngestConfig()
     basic_filter: BasicFilterConfig = BasicFilterConfig()
@@ -271,6 +271,13 @@ class RunConfig(_Strict):
     orchestration: OrchestrationConfig = OrchestrationConfig()
     train: TrainConfig = TrainConfig()
     catalog: CatalogConfig = CatalogConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _dataset_name_ok(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must match [a-z0-9][a-z0-9_-]* (at most 63 characters): it names a catalog folder")
+        return v
 
     @model_validator(mode="after")
     def _unique_sources(self) -> "RunConfig":

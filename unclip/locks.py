@@ -1,4 +1,10 @@
-"""Concurrency on the Prefect server: one refresh per dataset, and GPU slots for training tasks.
+"""Concurrency: one writer per workdir, one refresh per dataset, and GPU slots for training tasks.
+
+- Every run of the data pipeline holds its workdir (``workdir_lock``): an exclusive ``flock`` on
+  ``<workdir>/.unclip.lock`` for a local workdir (the kernel frees it when the holder dies, however
+  it dies), or a leased global concurrency limit named after the workdir for a remote one (s3://...,
+  where runs may sit in different pods). A second run on the same workdir fails after its timeout,
+  saying the workdir is in use.
 
 - A dataset's refresh holds the slot of a global concurrency limit of size 1 named after the dataset
   and its catalog (``refresh_lock``). A second refresh of the same dataset waits for the slot (up to
@@ -11,13 +17,18 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import os
+import time
 from typing import Iterator
 
 from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+from unclip import storage
 
 GPU_TAG = "gpu"
 
@@ -44,6 +55,43 @@ def refresh_lock(dataset: str, catalog: str, timeout_s: float | None, lease_s: f
     ensure_global_limit(name, 1)
     with concurrency(name, occupy=1, timeout_seconds=timeout_s, lease_duration=lease_s, strict=True):
         yield name
+
+
+class WorkdirBusy(TimeoutError):
+    """Another run holds the workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, timeout_s: float | None, lease_s: float = 300) -> Iterator[None]:
+    """Hold ``workdir`` for the block: no other pipeline run writes it meanwhile."""
+    if storage.is_local(workdir):
+        path = os.path.join(storage.fs_and_path(workdir)[1], ".unclip.lock")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise WorkdirBusy(f"workdir {workdir} is in use by another run (it holds {path}); "
+                                          "wait for it to finish or use another --workdir") from None
+                    time.sleep(0.5)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+        return
+    name = f"unclip-workdir-{hashlib.sha256(workdir.encode()).hexdigest()[:12]}"
+    ensure_global_limit(name, 1)
+    try:
+        with concurrency(name, occupy=1, timeout_seconds=timeout_s, lease_duration=lease_s, strict=True):
+            yield
+    except TimeoutError as err:
+        if isinstance(err, WorkdirBusy):
+            raise
+        raise WorkdirBusy(f"workdir {workdir} is in use by another run (limit {name})") from err
 
 
 def ensure_gpu_limit(slots: int) -> None:

@@ -20,7 +20,7 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed, wait
 
-from unclip import manifest, runners, storage
+from unclip import locks, manifest, runners, storage
 from unclip.config import STAGES, RunConfig, stages_until
 from unclip.tasks import embed as embed_tasks
 from unclip.tasks import filter as filter_tasks
@@ -328,12 +328,17 @@ assert tuple(SUBFLOWS) == STAGES
 
 
 @flow(name="data_pipeline", flow_run_name=run_name("data-pipeline"))
-def data_pipeline(config: RunConfig, workdir: str, until: str = "pca") -> dict:
-    """Run the data stages in order, each as a subflow; stop after ``until``. Returns per-stage records."""
+def data_pipeline(config: RunConfig, workdir: str, until: str = "pca", lock_timeout_s: float | None = 60.0) -> dict:
+    """Run the data stages in order, each as a subflow; stop after ``until``. Returns per-stage records.
+
+    The run holds the workdir (``locks.workdir_lock``): another run on it meanwhile waits up to
+    ``lock_timeout_s`` seconds, then fails saying the workdir is in use.
+    """
     workdir = storage.absolute(workdir)
     storage.makedirs(workdir)
     records = {}
-    for stage in stages_until(until):
-        sub = SUBFLOWS[stage].with_options(task_runner=runners.task_runner(config.orchestration))
-        records[stage] = sub(config=config, workdir=workdir)
+    with locks.workdir_lock(workdir, lock_timeout_s):
+        for stage in stages_until(until):
+            sub = SUBFLOWS[stage].with_options(task_runner=runners.task_runner(config.orchestration))
+            records[stage] = sub(config=config, workdir=workdir)
     return records

@@ -57,7 +57,7 @@ def data_refresh(config: str = "configs/demo.yaml", workdir: str = "runs/demo",
         with _demo_server(workdir, cfg) if demo else contextlib.nullcontext():
             if demo:
                 preflight.check_config(cfg, STAGES)
-            records = data_pipeline(config=cfg, workdir=workdir)
+            records = data_pipeline(config=cfg, workdir=workdir, lock_timeout_s=lock_timeout_s)
         ctx = {"flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name}
         release = catalog.publish_dataset(where, workdir, records, cfg, flow_run=ctx)
         removed = catalog.gc(where, workdir, cfg.name, cfg.catalog.keep_versions)
