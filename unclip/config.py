@@ -171,6 +171,10 @@ class EmbedConfig(_Strict):
     dtype: Literal["float16", "float32"] = Field("float16", description="Storage type of the embedding columns.")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu' or 'cuda[:N]'.")
     shards_per_task: int = Field(64, ge=1, description="Shards embedded by one Prefect task run.")
+    gpus_per_task: float = Field(
+        0.0, ge=0.0, description="GPUs each embed task run asks Ray for (orchestration.task_runner: ray); "
+        "0 runs them on CPU workers. Set 1 for a GPU cluster: Ray then waits for (or autoscales) GPU nodes.",
+    )
 
 
 class NearDupConfig(_Strict):
@@ -231,7 +235,7 @@ class LaunchConfig(_Strict):
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="DDP replicates the model; FSDP shards it.")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="'auto': nccl on GPUs, gloo on CPU.")
     rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous for nnodes > 1.")
-    gpu_slots: int = Field(1, ge=1, description="Slots of the 'gpu' concurrency tag a training task occupies.")
+    gpu_slots: int = Field(1, ge=1, description="GPUs a training job uses per node (the Job's gpu_count).")
 
     @model_validator(mode="after")
     def _multi_node(self) -> "LaunchConfig":

@@ -10,8 +10,10 @@
   and its catalog (``refresh_lock``). A second refresh of the same dataset waits for the slot (up to
   its timeout, then fails without touching the data). Slots are leases: a refresh whose process is
   killed stops renewing its lease and the slot frees itself after ``lease_duration``.
-- Training tasks carry the tag ``gpu``; a tag concurrency limit of the machine's (or cluster's) GPU
-  count makes the server run at most that many at once (``ensure_gpu_limit``).
+- Training tasks carry the tag ``gpu``; the tag's concurrency limit stands for the GPUs: the server
+  runs at most that many such task runs at once. A task run is one training job (``train.launch``:
+  ``nnodes`` x ``gpu_slots`` GPUs), so on a machine or pool of N GPUs split into jobs of G GPUs the
+  limit is N / G (``unclip server --gpus``; ``ensure_gpu_limit`` creates it with 1 if missing).
 """
 
 from __future__ import annotations
@@ -94,13 +96,11 @@ def workdir_lock(workdir: str, timeout_s: float | None, lease_s: float = 300) ->
         raise WorkdirBusy(f"workdir {workdir} is in use by another run (limit {name})") from err
 
 
-def ensure_gpu_limit(slots: int) -> None:
-    """The ``gpu`` tag limit: at most ``slots`` training task runs at once (created if missing)."""
+def ensure_gpu_limit(default: int = 1) -> None:
+    """Create the ``gpu`` tag limit with ``default`` slots if it is missing; an existing one (set by
+    ``unclip server --gpus`` or ``prefect concurrency-limit create gpu N``) is left as it is."""
     with get_client(sync_client=True) as client:
         try:
-            current = client.read_concurrency_limit_by_tag(GPU_TAG)
-            if current.concurrency_limit == slots:
-                return
+            client.read_concurrency_limit_by_tag(GPU_TAG)
         except ObjectNotFound:
-            pass
-        client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=slots)
+            client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=default)

@@ -38,16 +38,15 @@ def task_runner(cfg: OrchestrationConfig) -> TaskRunner:
 
 @contextlib.contextmanager
 def task_options(cfg: OrchestrationConfig, gpus: float = 0.0) -> Iterator[None]:
-    """Per-task resource requests for the runner in use (Ray: CPUs, and GPUs when the cluster has
-    any, per task run). Other runners take no requests."""
+    """Per-task resource requests for the runner in use (Ray: CPUs and ``gpus`` GPUs per task run).
+    Other runners take no requests."""
     if cfg.task_runner != "ray":
         yield
         return
-    import ray
     from prefect_ray.context import remote_options
 
     options = {"num_cpus": cfg.ray.num_cpus_per_task}
-    if gpus and ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
+    if gpus:
         options["num_gpus"] = gpus
     with remote_options(**options):
         yield

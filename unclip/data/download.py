@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m unclip.data.download SPEC.json", file=sys.stderr)
         return 2
     _die_with_parent()
+    # SIGTERM (the ingest task giving up) exits through SystemExit, so that img2dataset's process
+    # pool is terminated on the way out instead of being left to download without a parent
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with open(argv[0]) as f:
         spec = json.load(f)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

@@ -206,9 +206,10 @@ def embed_flow(config: RunConfig, workdir: str) -> dict:
     result_uris = []
     with Progress("embed", len(shards), "embed: shards") as prog:
         if config.orchestration.task_runner == "ray":
-            # on a cluster: batches in parallel, one GPU each where the cluster has GPUs
+            # on a cluster: batches in parallel, each asking Ray for embed.gpus_per_task GPUs (an
+            # autoscaling cluster adds GPU nodes for them; 0 embeds on CPU workers)
             result_uris = _run_batches(config, embed_tasks.embed_batch, batches, workdir, cfg, model_id,
-                                       progress=prog, gpus=1.0)
+                                       progress=prog, gpus=cfg.gpus_per_task)
         else:
             # locally, one batch at a time: the model takes the whole machine (or its GPU)
             for i, b in enumerate(batches):

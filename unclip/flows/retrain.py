@@ -26,8 +26,9 @@ from unclip.config import RunConfig, load_config, resolve_config_path
 from unclip.tasks.common import publish_markdown
 from unclip.train import distributed, stages
 
-StageName = Literal["pca", "eval_pca", "eval_retrieval"]
-EvalName = Literal["eval_pca", "eval_retrieval"]
+# the registered stages at import time: a training issue's `stages.register` extends the form
+StageName = Literal[tuple(stages.names())]  # type: ignore[valid-type]
+EvalName = Literal[tuple(stages.names("eval"))]  # type: ignore[valid-type]
 
 
 class RetrainParams(BaseModel):
@@ -88,11 +89,13 @@ def _context_file(ctx: stages.StageContext, out: str) -> str:
 
 def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], where: str, workdir: str) -> dict:
     log = get_run_logger()
-    train, held = stages.split_files(catalog.kept_files(release), cfg.train.eval_fraction)
+    # the split is the run's: evaluate reuses the fraction retrain held out, whatever its config says
+    run.setdefault("eval_fraction", cfg.train.eval_fraction)
+    train, held = stages.split_files(catalog.kept_files(release), run["eval_fraction"])
     ctx = stages.StageContext(run["run_id"], run["run_dir"], cfg, release, train, held,
                               previous=dict(run.get("stages", {})))
     if any(stages.REGISTRY[n].gpu for n in names):
-        locks.ensure_gpu_limit(cfg.train.launch.gpu_slots * cfg.train.launch.nnodes)
+        locks.ensure_gpu_limit()
     for name in sorted(names, key=list(stages.REGISTRY).index):
         stage = stages.REGISTRY[name]
         runner = run_stage.with_options(tags=[locks.GPU_TAG] if stage.gpu else [])
@@ -156,6 +159,11 @@ def evaluate(params: EvaluateParams) -> dict:
     cfg = (load_config(resolve_config_path(params.config), variables={"workdir": workdir}) if params.config
            else RunConfig.model_validate(run["config"]))
     release = catalog.resolve(where, run["config"]["name"], run["dataset_version"])
-    run = _run_stages(run, cfg, release, list(params.stages), where, workdir)
+    try:
+        run = _run_stages(run, cfg, release, list(params.stages), where, workdir)
+    except BaseException as err:
+        run["state"] = f"evaluation failed: {type(err).__name__}: {err}"[:500]
+        catalog.save_run(where, run)
+        raise
     _publish_run(run)
     return run

@@ -159,9 +159,12 @@ def _run_img2dataset(inputs_dir: str, out: str, name: str, workdir: str, ingest:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "unclip.data.download", spec_path],
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
-            while proc.poll() is None:
-                time.sleep(0.5)
-                reported = _report_shards(fs, out_path, progress, reported)
+            try:
+                while proc.poll() is None:
+                    time.sleep(0.5)
+                    reported = _report_shards(fs, out_path, progress, reported)
+            finally:  # cancelled, lock lost, interrupted: no img2dataset may go on writing this call
+                _stop(proc)
             _report_shards(fs, out_path, progress, reported)
     finally:
         os.unlink(spec_path)
@@ -172,6 +175,19 @@ def _run_img2dataset(inputs_dir: str, out: str, name: str, workdir: str, ingest:
         # img2dataset already retried these shards; a task retry resumes only them
         raise RuntimeError(f"{len(missing)} of {n_shards} shards of {name} did not finish "
                            f"(first: {missing[0]:05d}); log: {log_path}")
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the download child (it exits through SystemExit, which stops img2dataset's pool
+    workers too), then SIGKILL it if it has not gone after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _report_shards(fs, out_path: str, progress: Progress | None, reported: int) -> int:
