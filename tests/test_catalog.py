@@ -223,3 +223,33 @@ def test_one_pipeline_run_per_workdir(tmp_path):
     holder.wait()
     with locks.workdir_lock(w, timeout_s=5):
         pass
+
+
+def test_retrieval_eval_streams_galleries_and_scores_true_pairs(tmp_path):
+    import numpy as np
+
+    from unclip.train import stages
+
+    rng = np.random.default_rng(0)
+
+    def files(shuffle: bool) -> pa.Table:
+        out = []
+        for i, n in enumerate([700, 800, 1]):  # galleries cross file boundaries; the tail gallery is 501
+            img = rng.normal(size=(n, 1024)).astype(np.float32)
+            txt = img + 0.05 * rng.normal(size=img.shape).astype(np.float32)
+            if shuffle:
+                txt = txt[rng.permutation(n)]
+            col = {k: pa.FixedSizeListArray.from_arrays(pa.array((v / np.linalg.norm(v, axis=1, keepdims=True))
+                                                                  .astype(np.float16).ravel()), 1024)
+                   for k, v in (("image_emb", img), ("text_emb", txt))}
+            out.append(storage.write_parquet(str(tmp_path / f"{shuffle}-{i}.parquet"), pa.table(col)))
+        return pa.table({"kept": out})
+
+    def run(shuffle: bool) -> dict:
+        ctx = stages.StageContext("r", str(tmp_path), CONFIG, {}, pa.table({"kept": []}), files(shuffle))
+        return stages.REGISTRY["eval_retrieval"].run(ctx)["metrics"]
+
+    good, bad = run(False), run(True)
+    assert (good["heldout_pairs"], good["galleries"]) == (1501, 2)
+    assert good["image_to_text_recall@1"] == good["text_to_image_recall@1"] == 1.0
+    assert bad["image_to_text_recall@10"] < 0.05  # chance: 10 / gallery size

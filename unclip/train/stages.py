@@ -120,24 +120,41 @@ def _eval_pca(ctx: StageContext) -> dict:
 
 
 def _eval_retrieval(ctx: StageContext) -> dict:
-    table = storage.parquet_dataset(ctx.eval_files.column("kept").to_pylist()).to_table(
-        columns=["uid", "image_emb", "text_emb"]).sort_by("uid")
-    if table.num_rows < 2:
-        raise ValueError(f"eval_retrieval: {table.num_rows} held-out pairs; at least 2 are needed")
-    img = clip.to_numpy(table.column("image_emb")).astype(np.float32)
-    txt = clip.to_numpy(table.column("text_emb")).astype(np.float32)
+    files = sorted(ctx.eval_files.column("kept").to_pylist())
+    if not files:
+        raise ValueError("eval_retrieval: the held-out split is empty")
     hits = {f"{d}_recall@{k}": 0 for d in ("image_to_text", "text_to_image") for k in RECALL_AT}
-    for start in range(0, len(img), GALLERY):
-        i, t = img[start:start + GALLERY], txt[start:start + GALLERY]
-        sims = i @ t.T
+    n = galleries = 0
+    score_sum = 0.0
+
+    def score(img: np.ndarray, txt: np.ndarray) -> None:
+        nonlocal n, galleries, score_sum
+        sims = img @ txt.T
         for d, s in (("image_to_text", sims), ("text_to_image", sims.T)):
             # rank of the true pair: how many candidates score strictly higher
             rank = (s > np.diag(s)[:, None]).sum(axis=1)
             for k in RECALL_AT:
                 hits[f"{d}_recall@{k}"] += int((rank < k).sum())
-    metrics = {k: v / len(img) for k, v in hits.items()}
-    metrics.update(heldout_pairs=len(img), gallery=min(GALLERY, len(img)),
-                   mean_clip_score=float((img * txt).sum(1).mean()))
+        n, galleries, score_sum = n + len(img), galleries + 1, score_sum + float((img * txt).sum())
+
+    # streamed: galleries of GALLERY pairs in file order, so memory is set by GALLERY, not the split
+    held: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in storage.parquet_dataset(files).to_batches(columns=["image_emb", "text_emb"], batch_size=GALLERY):
+        held.append(batch)
+        rows += batch.num_rows
+        while rows >= GALLERY:
+            table = pa.Table.from_batches(held)
+            first, rest = table.slice(0, GALLERY), table.slice(GALLERY)
+            score(*(clip.to_numpy(first.column(c)).astype(np.float32) for c in ("image_emb", "text_emb")))
+            held, rows = rest.to_batches(), rest.num_rows
+    if rows >= 2 or n == 0:
+        if rows < 2:
+            raise ValueError(f"eval_retrieval: {rows} held-out pairs; at least 2 are needed")
+        table = pa.Table.from_batches(held)
+        score(*(clip.to_numpy(table.column(c)).astype(np.float32) for c in ("image_emb", "text_emb")))
+    metrics = {k: v / n for k, v in hits.items()}
+    metrics.update(heldout_pairs=n, gallery=min(GALLERY, n), galleries=galleries, mean_clip_score=score_sum / n)
     return {"outputs": {}, "metrics": metrics}
 
 
