@@ -22,6 +22,12 @@ Stage = Literal["ingest", "basic_filter", "embed", "semantic_filter", "pca"]
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
+def _check_name(v: str) -> str:
+    if not _NAME.match(v):
+        raise ValueError("must match [a-z0-9][a-z0-9_-]* (at most 63 characters)")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -45,9 +51,7 @@ class SourceConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("must match [a-z0-9][a-z0-9_-]* (at most 63 characters)")
-        return v
+        return _check_name(v)
 
     @field_validator("extra_cols")
     @classmethod
@@ -276,12 +280,11 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     catalog: CatalogConfig = CatalogConfig()
 
+    # it names a catalog folder and the dataset's locks
     @field_validator("name")
     @classmethod
-    def _dataset_name_ok(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("must match [a-z0-9][a-z0-9_-]* (at most 63 characters): it names a catalog folder")
-        return v
+    def _name_ok(cls, v: str) -> str:
+        return _check_name(v)
 
     @model_validator(mode="after")
     def _unique_sources(self) -> "RunConfig":

@@ -114,6 +114,19 @@ def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], wher
     return catalog.save_run(where, run)
 
 
+def _run_and_publish(run: dict, cfg: RunConfig, release: dict, names: list[str], where: str, workdir: str,
+                     failure: str) -> dict:
+    """Run the stages; a failure is recorded in the run's catalog entry before it propagates."""
+    try:
+        run = _run_stages(run, cfg, release, names, where, workdir)
+    except BaseException as err:
+        run["state"] = f"{failure}: {type(err).__name__}: {err}"[:500]
+        catalog.save_run(where, run)
+        raise
+    _publish_run(run)
+    return run
+
+
 def _publish_run(run: dict) -> None:
     lines = [f"# run `{run['run_id']}`" + (f" ({run['name']})" if run.get("name") else ""), "",
              f"- dataset version: {run['release']} `{run['dataset_version']}`",
@@ -140,14 +153,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
            "pca_version": release.get("pca_version"), "code_version": manifest.code_version(),
            "run_dir": storage.join(workdir, "runs", run_id), "config": cfg.model_dump(mode="json"),
            "config_path": params.config, "overrides": params.overrides, "requested_stages": list(params.stages)}
-    try:
-        run = _run_stages(run, cfg, release, list(params.stages), where, workdir)
-    except BaseException as err:
-        run["state"] = f"failed: {type(err).__name__}: {err}"[:500]
-        catalog.save_run(where, run)
-        raise
-    _publish_run(run)
-    return run
+    return _run_and_publish(run, cfg, release, list(params.stages), where, workdir, "failed")
 
 
 @flow(name="evaluate", flow_run_name=_evaluate_name)
@@ -159,11 +165,4 @@ def evaluate(params: EvaluateParams) -> dict:
     cfg = (load_config(resolve_config_path(params.config), variables={"workdir": workdir}) if params.config
            else RunConfig.model_validate(run["config"]))
     release = catalog.resolve(where, run["config"]["name"], run["dataset_version"])
-    try:
-        run = _run_stages(run, cfg, release, list(params.stages), where, workdir)
-    except BaseException as err:
-        run["state"] = f"evaluation failed: {type(err).__name__}: {err}"[:500]
-        catalog.save_run(where, run)
-        raise
-    _publish_run(run)
-    return run
+    return _run_and_publish(run, cfg, release, list(params.stages), where, workdir, "evaluation failed")
