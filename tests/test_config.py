@@ -106,13 +106,22 @@ def test_preflight_missing_column(tmp_path):
         check_config(cfg, ("ingest",))
 
 
-def test_preflight_refuses_distributors_the_url_policy_does_not_reach(tmp_path):
+def test_preflight_names_the_package_a_distributor_needs(tmp_path, monkeypatch):
+    import importlib.util
+
     cfg = _config_with_list(tmp_path, {"url": ["http://a/b.jpg"], "text": ["x"]})
     d = cfg.model_dump(mode="json")
-    d["ingest"]["distributor"] = "ray"  # reached through the Ray job's runtime_env (tests/test_ray.py)
-    check_config(parse_config(d), ("ingest",))
-    d["ingest"]["distributor"] = "pyspark"
-    with pytest.raises(ConfigError, match="ingest.distributor: 'pyspark' is not supported yet"):
+    for distributor in ("ray", "pyspark"):  # the URL policy reaches both (tests/test_ray.py, test_spark.py)
+        d["ingest"]["distributor"] = distributor
+        check_config(parse_config(d), ("ingest",))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("ray", "pyspark")
+                        else find_spec(name, *a))
+    with pytest.raises(ConfigError, match="ingest.distributor: 'pyspark' needs the pyspark package"):
+        check_config(parse_config(d), ("ingest",))
+    d["ingest"]["distributor"] = "multiprocessing"
+    d["orchestration"]["task_runner"] = "ray"
+    with pytest.raises(ConfigError, match="orchestration.task_runner: 'ray' needs the ray package"):
         check_config(parse_config(d), ("ingest",))
 
 

@@ -113,6 +113,10 @@ class IngestConfig(_Strict):
     processes: int = Field(2, ge=1, description="img2dataset worker processes.")
     threads: int = Field(64, ge=1, description="Download threads per worker process.")
     distributor: Literal["multiprocessing", "ray", "pyspark"] = "multiprocessing"
+    spark_master: str | None = Field(
+        None, description="Spark master URL for distributor 'pyspark' (spark://host:7077, k8s://...); None runs "
+        "a local Spark with `processes` cores.",
+    )
     timeout_s: float = Field(10.0, gt=0, description="Whole-response deadline per download (connect to last byte).")
     retries: int = Field(0, ge=0, le=10, description="img2dataset per-image retries.")
     max_body_bytes: int = Field(20 * 2**20, ge=1024, description="Response bodies larger than this are refused.")

@@ -37,11 +37,9 @@ def check_config(config: RunConfig, stages: tuple[str, ...]) -> None:
     if ray_fields and importlib.util.find_spec("ray") is None:
         raise ConfigError(f"{ray_fields[0]}: 'ray' needs the ray package (pip install prefect-ray)")
     if "ingest" in stages:
-        if config.ingest.distributor == "pyspark":
-            # the egress policy reaches multiprocessing workers through their environment and Ray
-            # workers through the job's runtime_env; Spark executors get neither yet
-            raise ConfigError("ingest.distributor: 'pyspark' is not supported yet: the URL policy is enforced "
-                              "only in img2dataset's multiprocessing and ray workers")
+        if config.ingest.distributor == "pyspark" and importlib.util.find_spec("pyspark") is None:
+            raise ConfigError("ingest.distributor: 'pyspark' needs the pyspark package (pip install pyspark) "
+                              "and Java 17 or newer")
         found = []
         for i, source in enumerate(config.sources):
             try:

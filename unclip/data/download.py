@@ -49,12 +49,35 @@ def _init_ray(spec: dict) -> None:
         ray.init(num_cpus=ingest.processes, **kwargs)
 
 
+def _init_spark(spec: dict):
+    """The Spark session img2dataset's pyspark distributor picks up (it uses the active one). Every
+    Spark Python worker gets the egress policy's environment (``spark.executorEnv.*``): the
+    ``sitecustomize`` on its PYTHONPATH installs the policy before anything is fetched."""
+    from pyspark.sql import SparkSession
+
+    from unclip.config import IngestConfig
+    from unclip.data import egress
+
+    ingest = IngestConfig.model_validate(spec["ingest"])
+    builder = SparkSession.builder.appName("unclip-ingest").master(
+        ingest.spark_master or f"local[{ingest.processes}]")
+    for key, value in {**egress.worker_env(ingest), "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}.items():
+        builder = builder.config(f"spark.executorEnv.{key}", value)
+    # Spark's Python workers run this interpreter (on a cluster: the same image's), not the PATH's python3
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    return (builder.config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
+            .config("spark.ui.enabled", "false").getOrCreate())
+
+
 def run(spec: dict) -> None:
     import img2dataset
 
     ingest = spec["ingest"]
+    spark = None
     if ingest["distributor"] == "ray":
         _init_ray(spec)
+    elif ingest["distributor"] == "pyspark":
+        spark = _init_spark(spec)
     img2dataset.download(
         url_list=spec["url_list"],
         input_format="parquet",
@@ -83,6 +106,8 @@ def run(spec: dict) -> None:
         # img2dataset treats [] as "no opt-out check"; the config's empty tuple means the same.
         disallowed_header_directives=list(ingest["disallowed_header_directives"]),
     )
+    if spark is not None:
+        spark.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
