@@ -253,3 +253,19 @@ def test_retrieval_eval_streams_galleries_and_scores_true_pairs(tmp_path):
     assert (good["heldout_pairs"], good["galleries"]) == (1501, 2)
     assert good["image_to_text_recall@1"] == good["text_to_image_recall@1"] == 1.0
     assert bad["image_to_text_recall@10"] < 0.05  # chance: 10 / gallery size
+
+
+def test_gc_sweeps_old_orphans_but_not_recent_or_listed_files(tmp_path):
+    import os
+
+    w, where = str(tmp_path), str(tmp_path / "catalog")
+    _state(w, {"c/00000": 3})
+    release = catalog.publish_dataset(where, w, {}, CONFIG)
+    listed = catalog.kept_files(release).column("kept").to_pylist()
+    old = storage.write_parquet(f"{w}/embeddings/c/00001.deadbeef.parquet", pa.table({"uid": [1]}))
+    new = storage.write_parquet(f"{w}/embeddings/c/00002.feedface.parquet", pa.table({"uid": [2]}))
+    two_days_ago = time.time() - 2 * 86_400
+    os.utime(old, (two_days_ago, two_days_ago))
+    os.utime(listed[0], (two_days_ago, two_days_ago))  # old but listed by the live release
+    assert catalog.gc(where, w, "unit", keep_versions=3) == [old]
+    assert storage.exists(new) and all(storage.exists(u) for u in listed)

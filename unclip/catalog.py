@@ -139,11 +139,13 @@ def _release_uri(catalog: str, release: dict) -> str:
     return storage.join(catalog, "datasets", release["name"], f"{release['release']}-{release['version']}.json")
 
 
-def gc(catalog: str, workdir: str, name: str, keep_versions: int) -> list[str]:
+def gc(catalog: str, workdir: str, name: str, keep_versions: int, orphan_grace_s: float = 86_400) -> list[str]:
     """Remove the final-embeddings files of dataset ``name``'s releases older than the newest
     ``keep_versions``, except files that a kept release, a run still in progress, or the workdir's
     current index uses. Collected releases are marked (``collected_at``) and never read again.
-    Returns the removed URIs."""
+    Then sweep ``<workdir>/embeddings/``: a file that nothing live lists and that is older than
+    ``orphan_grace_s`` (one written by a refresh killed before it published, or by a run between
+    refreshes) is removed too. Returns the removed URIs."""
     found = datasets(catalog, name)
     keep = set()
     busy = {r["dataset_version"] for r in runs(catalog) if r.get("state", "").startswith(("running", "starting"))}
@@ -161,6 +163,11 @@ def gc(catalog: str, workdir: str, name: str, keep_versions: int) -> list[str]:
                 storage.remove(u)
                 removed.append(u)
         storage.write_json(_release_uri(catalog, r), {**r, "collected_at": _now()}, sort_keys=False)
+    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=orphan_grace_s)
+    for u in storage.glob(storage.join(workdir, "embeddings", "**", "*.parquet")):
+        if u not in keep and storage.modified(u) < cutoff:
+            storage.remove(u)
+            removed.append(u)
     return removed
 
 

@@ -8,6 +8,8 @@ copy+delete that happens only after the temporary object is complete.
 
 from __future__ import annotations
 
+import datetime as dt
+
 import contextlib
 import json
 import os
@@ -66,6 +68,13 @@ def _unstrip(like: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
     if "://" in like:
         return fs.unstrip_protocol(path)
     return path
+
+
+def modified(uri: str) -> dt.datetime:
+    """Last modification time (timezone-aware, UTC)."""
+    fs, p = fs_and_path(uri)
+    t = fs.modified(p)
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
 def listdir(uri: str) -> list[str]:
