@@ -20,6 +20,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from unclip.prefect_server import flow_run_tree
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
                   "--disable-quic"]
@@ -42,14 +44,8 @@ def _post(api: str, path: str, body: dict) -> list[dict]:
 
 def run_tree(api: str, flow_run: str) -> dict[str, str]:
     """id -> name of the flow run and all its subflow runs."""
-    runs, frontier = {flow_run: ""}, [flow_run]
-    while frontier:
-        tasks = _post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": frontier}}, "limit": 200})
-        kids = _post(api, "/flow_runs/filter", {"flow_runs": {"parent_task_run_id": {
-            "any_": [t["id"] for t in tasks]}}, "limit": 200}) if tasks else []
-        runs.update({k["id"]: k["name"] for k in kids})
-        frontier = [k["id"] for k in kids]
-    return runs
+    subflows = flow_run_tree(lambda path, body: _post(api, path, body), flow_run)
+    return {flow_run: "", **{r["id"]: r["name"] for r in subflows}}
 
 
 def pages(ui: str, flow_run: str) -> list[tuple[str, str]]:

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -27,15 +26,10 @@ from PIL import Image
 from unclip import drops
 from unclip.data import demo_source as ds
 from unclip.data.demo_server import DemoServer, PortInUseError
+from unclip.prefect_server import free_port
 
 PARAMS = dict(max_body_bytes=1 << 20, timeout_s=2.0, min_side=32, max_aspect_ratio=3.0, max_caption_chars=256)
 SIZE = 200
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -57,7 +51,7 @@ def plan(demo) -> list[dict]:
 
 
 def test_deterministic_and_seed_sensitive(tmp_path):
-    base = f"http://127.0.0.1:{_free_port()}"
+    base = f"http://127.0.0.1:{free_port()}"
     a = ds.generate_demo(str(tmp_path / "a"), size=SIZE, seed=3, base_url=base, **PARAMS)
     b = ds.generate_demo(str(tmp_path / "b"), size=SIZE, seed=3, base_url=base, **PARAMS)
     fa, fb = _files(Path(a.out_dir)), _files(Path(b.out_dir))

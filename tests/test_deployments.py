@@ -21,7 +21,7 @@ import pytest
 from unclip import catalog, manifest
 from unclip.config import load_config
 from unclip.data import demo_source
-from unclip.prefect_server import PrefectServer
+from unclip.prefect_server import PrefectServer, flow_run_tree
 
 pytestmark = pytest.mark.slow
 
@@ -62,14 +62,7 @@ def _wait(server: PrefectServer, run_id: str, timeout_s: float = 400) -> dict:
 
 def _tree(server: PrefectServer, run_id: str) -> list[dict]:
     """The flow run and all its subflow runs."""
-    found, frontier = [server.get(f"/flow_runs/{run_id}")], [run_id]
-    while frontier:
-        tasks = server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": frontier}}, "limit": 200})
-        children = server.post("/flow_runs/filter", {
-            "flow_runs": {"parent_task_run_id": {"any_": [t["id"] for t in tasks]}}, "limit": 200}) if tasks else []
-        found += children
-        frontier = [c["id"] for c in children]
-    return found
+    return [server.get(f"/flow_runs/{run_id}"), *flow_run_tree(server.post, run_id)]
 
 
 def _artifacts(server: PrefectServer, run_ids: list[str]) -> dict[str, dict]:

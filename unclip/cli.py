@@ -125,28 +125,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _ui_server(workdir: str) -> str:
     """The UI address of this workdir's local server; starts one in the background if none answers."""
-    from unclip.prefect_server import PrefectServer, running_server
+    from unclip.prefect_server import PrefectServer, free_port, running_server
 
     state = running_server(Path(workdir) / "prefect")
     if state is None:
-        server = PrefectServer(Path(workdir) / "prefect", port=_free_or(4200)).start()
+        server = PrefectServer(Path(workdir) / "prefect", port=free_port(preferred=4200)).start()
         state = {"api_url": server.api_url, "ui_url": server.ui_url, "pid": server.proc.pid}
         print(f"unclip: started a Prefect server in the background at {server.ui_url} (pid {server.proc.pid}); "
               f"stop it with `unclip server --workdir {workdir} --stop`", file=sys.stderr)
     os.environ["PREFECT_API_URL"] = state["api_url"]
     print(f"unclip: runs go to the Prefect server at {state['ui_url']}: watch them there", file=sys.stderr)
     return state["ui_url"]
-
-
-def _free_or(port: int) -> int:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            return 0
 
 
 def _interrupt(signum, frame) -> None:

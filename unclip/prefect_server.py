@@ -26,10 +26,29 @@ PREFECT = [sys.executable, "-m", "prefect"]
 POOL = "unclip-process"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1", preferred: int = 0) -> int:
+    """``preferred`` if it is free now, else any free port."""
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError(f"no free port on {host}")
+
+
+def flow_run_tree(post, run_id: str) -> list[dict]:
+    """The subflow runs below flow run ``run_id``, at any depth, read through the REST API;
+    ``post(path, body)`` sends one request."""
+    found, frontier = [], [run_id]
+    while frontier:
+        tasks = post("/task_runs/filter", {"flow_runs": {"id": {"any_": frontier}}, "limit": 200})
+        children = post("/flow_runs/filter", {
+            "flow_runs": {"parent_task_run_id": {"any_": [t["id"] for t in tasks]}}, "limit": 200}) if tasks else []
+        found += children
+        frontier = [c["id"] for c in children]
+    return found
 
 
 def quiet_env(**extra: str) -> dict[str, str]:

@@ -55,16 +55,19 @@ class EvaluateParams(BaseModel):
     stages: list[EvalName] = Field(default_factory=lambda: list(stages.names("eval")))
 
 
-def _retrain_name() -> str:
+def _params() -> dict:
+    """The flow run's ``params`` parameter as a dict (a model in-process, a dict from the API)."""
     p = flow_run.parameters.get("params") or {}
-    p = p.model_dump() if isinstance(p, BaseModel) else p
+    return p.model_dump() if isinstance(p, BaseModel) else p
+
+
+def _retrain_name() -> str:
+    p = _params()
     return f"retrain: {','.join(p.get('stages') or stages.names())} on {p.get('dataset_version', 'latest')}"
 
 
 def _evaluate_name() -> str:
-    p = flow_run.parameters.get("params") or {}
-    p = p.model_dump() if isinstance(p, BaseModel) else p
-    return f"evaluate: {p.get('run_id', '?')}"
+    return f"evaluate: {_params().get('run_id', '?')}"
 
 
 @task(name="run-stage", task_run_name="{name}: {run_id}", cache_policy=NO_CACHE)
