@@ -59,6 +59,7 @@ def main() -> None:
     cfg = EmbedConfig(model={"arch": a.arch, "seed": 0}, batch_size=a.batch_size, num_workers=a.workers,
                       device="auto")
     device = clip.resolve_device(cfg.device)
+    model_id = embed_tasks.model_identity(cfg)
     model, preprocess, tokenizer = clip.load_clip(cfg.model, device)
 
     # preload: every kept image decoded and preprocessed, every caption tokenized (not timed)
@@ -82,7 +83,7 @@ def main() -> None:
     def stage() -> float:
         shutil.rmtree(out / "embed", ignore_errors=True)
         t = time.perf_counter()
-        embed_tasks.embed_batch.fn(0, shards, str(out), cfg)
+        embed_tasks.embed_batch.fn(0, shards, str(out), cfg, model_id)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t

@@ -15,7 +15,6 @@ and fsspec in ``PcaQuantiser.save``/``load``; matplotlib only in the plot helper
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -48,9 +47,12 @@ def _row_chunks(n: int, size: int) -> Iterator[slice]:
 def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     """Iterate ``items`` in a background thread, up to ``depth`` items ahead of the consumer.
 
-    Reading Parquet (decompression, list decoding) is Arrow C++ code that drops the GIL, so the next
-    batch is read while this one goes through BLAS: the pass takes about the longer of the two instead
-    of their sum. Memory grows by ``depth`` + 1 batches. Errors in the producer are raised here.
+    Reading (file reads and page copies, or Arrow's decoder) drops the GIL, so the next batch is read
+    while this one goes through BLAS. BLAS keeps all its threads: with the page reader a 1M-row pass
+    spends about 1.5 s of one core reading against 7 s of both in casts and GEMMs, and limiting BLAS
+    to one core beside the reader (which paid off with Arrow's slower decoder) made it 25-30% slower
+    (measured, bench/bench_pca.py). Memory grows by ``depth`` + 1 batches. Errors in the producer are
+    raised here.
     """
     if depth < 1:
         yield from items
@@ -94,27 +96,6 @@ def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     finally:
         stop.set()
         worker.join()
-
-
-@contextlib.contextmanager
-def _blas_beside_reader(prefetching: bool) -> Iterator[None]:
-    """While a prefetch thread reads, give BLAS one core fewer than the process has.
-
-    Measured on 2 cores: BLAS on both cores next to the reader thread oversubscribes them and a pass
-    over 1M rows takes 13 s; BLAS on one core beside the reader takes 11 s. The limit is process-wide
-    (threadpoolctl, a scikit-learn dependency) and lifted when the pass ends; without threadpoolctl
-    nothing is limited.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - scikit-learn brings it
-        prefetching = False
-    if not prefetching:
-        yield
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with threadpool_limits(limits=max(1, cores - 1), user_api="blas"):
-        yield
 
 
 # --------------------------------------------------------------------------------------------- PCA
@@ -529,9 +510,8 @@ def fit_pca(
 ) -> StreamingPCA:
     """Pass 1: the streaming PCA of a stream of [n, d] image-embedding batches."""
     pca = StreamingPCA(**pca_kwargs)
-    with _blas_beside_reader(prefetch_batches > 0):
-        for img in prefetch(image_batches, prefetch_batches):
-            pca.partial_fit(img)
+    for img in prefetch(image_batches, prefetch_batches):
+        pca.partial_fit(img)
     return pca.finalize(n_components)
 
 
@@ -571,8 +551,7 @@ def fit_pca_quantiser(
     rng_rows, rng_dots, rng_err = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     rows_res = _Reservoir(quantile_rows, (n_components,), rng_rows)
     dots_res = _Reservoir(dot_rows, (), rng_dots)
-    with _blas_beside_reader(prefetch_batches > 0):
-        sums = _project_pass(prefetch(batches_factory(), prefetch_batches), pca, rows_res, dots_res, chunk_rows)
+    sums = _project_pass(prefetch(batches_factory(), prefetch_batches), pca, rows_res, dots_res, chunk_rows)
     _check_same_rows(pca, sums)
 
     z_sample = rows_res.sample
@@ -733,13 +712,63 @@ def iter_embedding_batches(
             pf = pq.ParquetFile(f)
             if pf.metadata.num_rows != num_rows:
                 raise ValueError(f"{uri} has {pf.metadata.num_rows} rows, the file list says {num_rows}")
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=list(columns)):
-                if remaining <= 0:
+            pending: list[tuple[np.ndarray, ...]] = []
+            pending_rows = 0
+            for rg in range(pf.metadata.num_row_groups):
+                if remaining - pending_rows <= 0:
                     break
-                if batch.num_rows > remaining:
-                    batch = batch.slice(0, remaining)
-                remaining -= batch.num_rows
-                yield tuple(fixed_size_list_to_numpy(batch.column(c)) for c in columns)
+                group = _read_row_group(f, pf, rg, columns)
+                take = min(len(group[0]), remaining - pending_rows)
+                pending.append(tuple(a[:take] for a in group))
+                pending_rows += take
+                while pending_rows >= batch_rows:
+                    batch, pending = _split_rows(pending, batch_rows)
+                    pending_rows -= batch_rows
+                    remaining -= batch_rows
+                    yield batch
+            if pending_rows:
+                batch, _ = _split_rows(pending, pending_rows)
+                remaining -= pending_rows
+                yield batch
+
+
+def _read_row_group(f: Any, pf: Any, row_group: int, columns: Sequence[str]) -> tuple[np.ndarray, ...]:
+    """One row group's embedding columns as [n, dim] arrays: the fast reader of uncompressed PLAIN
+    pages (``unclip.data.plain_pages``) where the layout allows it, Arrow's reader otherwise."""
+    import pyarrow as pa
+
+    from unclip.data.plain_pages import read_column
+
+    arrow_schema = pf.schema_arrow
+    out = []
+    for c in columns:
+        typ = arrow_schema.field(c).type
+        if not pa.types.is_fixed_size_list(typ):
+            raise TypeError(f"expected a fixed_size_list column {c!r}, got {typ}")
+        arr = None
+        if typ.value_type in (pa.float16(), pa.float32()):
+            arr = read_column(f, pf.metadata, row_group, c, typ.list_size, typ.value_type.to_pandas_dtype())
+        if arr is None:
+            arr = fixed_size_list_to_numpy(pf.read_row_group(row_group, columns=[c]).column(0))
+        out.append(arr)
+    return tuple(out)
+
+
+def _split_rows(parts: list[tuple[np.ndarray, ...]], n: int) -> tuple[tuple[np.ndarray, ...], list[tuple[np.ndarray, ...]]]:
+    """The first ``n`` rows of a list of column tuples, and the rest."""
+    taken, rest, got = [], [], 0
+    for part in parts:
+        if got >= n:
+            rest.append(part)
+            continue
+        k = min(len(part[0]), n - got)
+        taken.append(tuple(a[:k] for a in part))
+        if k < len(part[0]):
+            rest.append(tuple(a[k:] for a in part))
+        got += k
+    if len(taken) == 1:
+        return taken[0], rest
+    return tuple(np.concatenate(cols) for cols in zip(*taken)), rest
 
 
 def fixed_size_list_to_numpy(col: Any) -> np.ndarray:
