@@ -164,3 +164,24 @@ def test_from_config_round_trip():
     assert policy.to_dict() == {"allowed_schemes": ["http", "https"], "allow_hosts": ["127.0.0.1", "foo.example"],
                                 "max_redirects": 2}
     assert UrlPolicyConfig(**policy.to_dict()) == cfg
+
+
+def test_cached_verdicts_never_cache_dns():
+    """Verdicts are cached per host text and per (address, host), never the lookup: a name that
+    answers with a public address first and a private one later (DNS rebinding) is refused the
+    second time, and the same literal is judged the same every time."""
+    table = {"rebind.example": ["93.184.216.34"]}
+    dns = fake_dns(table)
+    policy = UrlPolicy(resolver=dns)
+    assert policy.resolve("rebind.example", 80) == [(socket.AF_INET, ("93.184.216.34", 80))]
+    table["rebind.example"] = ["127.0.0.1"]
+    with pytest.raises(UrlRefused, match="loopback rebind.example -> 127.0.0.1"):
+        policy.resolve("rebind.example", 80)
+    assert dns.calls == ["rebind.example", "rebind.example"]
+    for _ in range(3):
+        assert refusal_kind(policy, "http://127.0.0.1/x.jpg") == "loopback"
+        assert refusal_kind(policy, "http://0x7f.1/x.jpg") == "loopback"
+        assert refusal_kind(policy, "http://8.8.8.8/x.jpg") is None
+    # The cache is per policy: another policy's allow list is not consulted.
+    assert refusal_kind(UrlPolicy(allow_hosts=("127.0.0.1",)), "http://127.0.0.1/x.jpg") is None
+    assert refusal_kind(policy, "http://127.0.0.1/x.jpg") == "loopback"
