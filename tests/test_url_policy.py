@@ -185,3 +185,14 @@ def test_cached_verdicts_never_cache_dns():
     # The cache is per policy: another policy's allow list is not consulted.
     assert refusal_kind(UrlPolicy(allow_hosts=("127.0.0.1",)), "http://127.0.0.1/x.jpg") is None
     assert refusal_kind(policy, "http://127.0.0.1/x.jpg") == "loopback"
+
+
+def test_policy_pickles_without_its_caches():
+    import pickle
+
+    policy = UrlPolicy(allow_hosts=("10.0.0.0/8",))
+    assert refusal_kind(policy, "http://10.1.2.3/x.jpg") is None
+    copy = pickle.loads(pickle.dumps(policy))
+    assert copy.to_dict() == policy.to_dict()
+    assert refusal_kind(copy, "http://10.1.2.3/x.jpg") is None
+    assert refusal_kind(copy, "http://192.168.0.1/x.jpg") == "private"

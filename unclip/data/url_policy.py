@@ -142,8 +142,18 @@ class UrlPolicy:
         # ipaddress checks cost tens of microseconds a request, several percent of a download worker's
         # time (measured, bench/bench_ingest.py). DNS itself is never cached here: every connection
         # resolves afresh and every address it gets is judged (from the cache or not).
+        self._make_caches()
+
+    def _make_caches(self) -> None:
         self._host_refusal = functools.lru_cache(maxsize=VERDICT_CACHE_SIZE)(self._host_refusal_uncached)
         self._address_refusal = functools.lru_cache(maxsize=VERDICT_CACHE_SIZE)(self._address_refusal_uncached)
+
+    def __getstate__(self) -> dict:  # the caches stay behind (process and Ray task runners pickle)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_host_refusal", "_address_refusal")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._make_caches()
 
     @classmethod
     def from_config(cls, cfg: "UrlPolicyConfig", *, resolver: Resolver | None = None) -> "UrlPolicy":
