@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -160,9 +159,12 @@ def _run_img2dataset(inputs_dir: str, out: str, name: str, workdir: str, ingest:
             proc = subprocess.Popen([sys.executable, "-m", "unclip.data.download", spec_path],
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
             try:
-                while proc.poll() is None:
-                    time.sleep(0.5)
-                    reported = _report_shards(fs, out_path, progress, reported)
+                while True:
+                    try:
+                        proc.wait(timeout=0.5)  # returns as soon as the child exits
+                        break
+                    except subprocess.TimeoutExpired:
+                        reported = _report_shards(fs, out_path, progress, reported)
             finally:  # cancelled, lock lost, interrupted: no img2dataset may go on writing this call
                 _stop(proc)
             _report_shards(fs, out_path, progress, reported)
