@@ -86,7 +86,9 @@ def test_launch_failure_raises_with_log_tail(tmp_path):
 @pytest.mark.slow
 def test_launch_sets_omp_threads_and_keeps_env(tmp_path):
     log = tmp_path / "torchrun.log"
-    probe = "import os; print('omp', os.environ['OMP_NUM_THREADS'], os.environ['PROBE'])"
+    # One write(2) per rank: print() writes its pieces separately (unbuffered under PYTHONUNBUFFERED),
+    # and two ranks sharing the log interleave them.
+    probe = "import os; os.write(1, ('omp %s %s\\n' % (os.environ['OMP_NUM_THREADS'], os.environ['PROBE'])).encode())"
     launch(LaunchConfig(nproc_per_node=2), "timeit", ["-n", "1", "-r", "1", probe], log_path=str(log),
            env={"PROBE": "kept"}, timeout_s=60)
     expected = max(1, len(os.sched_getaffinity(0)) // 2)
