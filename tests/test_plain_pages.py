@@ -158,3 +158,15 @@ def test_the_embed_stage_layout_takes_the_fast_path(dtype) -> None:
             got = read_column(io.BytesIO(data), meta, rg, column, dim, np.dtype(np_dtype))
             assert got is not None
             np.testing.assert_array_equal(got, _arrow(data, column, rg))
+
+
+def test_fast_reader_declines_damaged_chunks() -> None:
+    data = _write(_table(40, np.float16), compression="none", use_dictionary=False, data_page_size=600)
+    meta = pq.ParquetFile(io.BytesIO(data)).metadata
+    start = meta.row_group(0).column(1).data_page_offset
+    damaged = bytearray(data)
+    damaged[start] = 0  # the first page header now ends before saying anything
+    assert read_column(io.BytesIO(bytes(damaged)), meta, 0, "image_emb", DIM, np.dtype(np.float16)) is None
+    end = start + meta.row_group(0).column(1).total_compressed_size
+    truncated = data[: end - 10]
+    assert read_column(io.BytesIO(truncated), meta, 0, "image_emb", DIM, np.dtype(np.float16)) is None

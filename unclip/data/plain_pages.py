@@ -191,16 +191,14 @@ def read_column(f: BinaryIO, metadata: Any, row_group: int, column: str, dim: in
         return None
     if chunk_meta.num_values != rows * dim:
         return None
-    start = chunk_meta.data_page_offset
-    if chunk_meta.dictionary_page_offset is not None:
-        start = min(start, chunk_meta.dictionary_page_offset)
-    f.seek(start)
+    # No dictionary page (checked above): the chunk starts at its first data page.
+    f.seek(chunk_meta.data_page_offset)
     data = f.read(chunk_meta.total_compressed_size)
     if len(data) != chunk_meta.total_compressed_size:
         return None
     out = np.empty(rows * dim, dtype)
     try:
         _copy_pages(memoryview(data), out, has_rep=True, has_def=col_schema.max_definition_level > 0)
-    except (_Unsupported, IndexError, struct.error):
+    except (_Unsupported, IndexError, ValueError, struct.error):
         return None
     return out.reshape(rows, dim).astype(dtype.newbyteorder("="), copy=False)
