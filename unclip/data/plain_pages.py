@@ -133,7 +133,7 @@ def _copy_pages(chunk: memoryview, out: np.ndarray, *, has_rep: bool, has_def: b
         page_type, size = header.get(1), header.get(3)
         if size is None or size < 0 or pos + size > len(chunk):
             raise _Unsupported("page header out of bounds")
-        if page_type in (_INDEX_PAGE,):
+        if page_type == _INDEX_PAGE:
             pos += size
             continue
         if page_type == _DATA_PAGE:
