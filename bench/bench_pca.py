@@ -39,7 +39,7 @@ DIM = 1024
 N_COMPONENTS = 319
 BATCH_ROWS = 65_536
 # Changing how the data are made invalidates an existing data dir (checked against spec.json).
-# Written like the embed stage writes embeddings (unclip.data.clip.EMBEDDING_PARQUET_OPTIONS: the
+# Written like the embed stage writes embeddings (unclip.data.embeddings.EMBEDDING_PARQUET_OPTIONS: the
 # embedding columns uncompressed, no dictionary).
 SPEC = {"version": 2, "rows_per_file": ROWS_PER_FILE, "dim": DIM, "spectrum_power": 1.5,
         "dtype": "float16", "compression": "none", "use_dictionary": False}
@@ -109,7 +109,8 @@ def _peak_rss_mib() -> float:
 
 
 def child(method: str, rows: int, data_dir: Path) -> dict:
-    from unclip.data.pca import fit_pca, fit_pca_quantiser, iter_embedding_batches
+    from unclip.data.embeddings import iter_embedding_batches
+    from unclip.data.pca import fit_pca, fit_pca_quantiser
 
     files = ensure_data(data_dir, rows)
     images = lambda: (b[0] for b in iter_embedding_batches(  # noqa: E731

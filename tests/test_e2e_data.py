@@ -25,7 +25,7 @@ import yaml
 
 from unclip import manifest, storage
 from unclip.config import load_config
-from unclip.data import clip, demo_source, inputs
+from unclip.data import demo_source, embeddings, inputs
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +104,7 @@ def test_every_input_row_is_kept_or_dropped_exactly_once(run):
     assert all(r is not None for r in dropped.column("reason").to_pylist())
     # the embeddings: fixed-size float16 lists of 1024, unit norm, clip_score their cosine
     assert kept.schema.field("image_emb").type == pa.list_(pa.float16(), 1024)
-    img, txt = clip.to_numpy(kept.column("image_emb")), clip.to_numpy(kept.column("text_emb"))
+    img, txt = embeddings.to_numpy(kept.column("image_emb")), embeddings.to_numpy(kept.column("text_emb"))
     np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=2e-3)
     np.testing.assert_allclose((img * txt).sum(1), kept.column("clip_score").to_numpy(), atol=3e-3)
 
@@ -134,7 +134,7 @@ def test_drop_reasons_match_what_the_generator_planted(run):
 def test_semantic_drops_are_justified_by_the_embeddings(run):
     w = run["workdir"]
     cand = _table(_parquets(w / "embed" / "candidates"), ["uid", "image_emb", "clip_score"])
-    emb = dict(zip(cand.column("uid").to_pylist(), clip.to_numpy(cand.column("image_emb"))))
+    emb = dict(zip(cand.column("uid").to_pylist(), embeddings.to_numpy(cand.column("image_emb"))))
     score = dict(zip(cand.column("uid").to_pylist(), cand.column("clip_score").to_pylist()))
     kept = set(_table(_parquets(w / "embeddings"), ["uid"]).column("uid").to_pylist())
     sem = _table(_parquets(w / "drops" / "semantic_filter"))
@@ -182,7 +182,7 @@ def test_manifest_records_lineage_of_every_stage(run):
 
     with open(stages["pca"]["outputs"]["pca"], "rb") as f:
         model = PcaQuantiser.load(f)
-    emb = clip.to_numpy(_table(_parquets(w / "embeddings"), ["image_emb"]).column("image_emb"))
+    emb = embeddings.to_numpy(_table(_parquets(w / "embeddings"), ["image_emb"]).column("image_emb"))
     codes = model.encode(emb[:16])
     assert codes.shape == (16, 319) and codes.min() >= 0 and codes.max() < 1024
     assert model.decode(codes).shape == (16, 1024)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from unclip import storage
 from unclip.config import EmbedConfig
-from unclip.data import clip
+from unclip.data import clip, embeddings
 from unclip.tasks import embed as embed_tasks
 from unclip.tasks.filter import keys_digest
 
@@ -53,7 +53,7 @@ def test_embed_batch_writes_sorted_embeddings_and_drops_undecodable_members(tmp_
     model, preprocess, tokenizer = clip.load_clip(cfg.model)
     img = preprocess(Image.open(io.BytesIO(_jpg((255, 0, 0)))).convert("RGB")).unsqueeze(0)
     i, t, s = clip.encode_batch(model, img, tokenizer(["a red square"]), clip.resolve_device("cpu"))
-    np.testing.assert_allclose(clip.to_numpy(out.column("image_emb"))[0], i[0], atol=1e-5)
+    np.testing.assert_allclose(embeddings.to_numpy(out.column("image_emb"))[0], i[0], atol=1e-5)
     np.testing.assert_allclose(out.column("clip_score").to_numpy()[0], s[0], atol=1e-5)
     # a second call finds the shard up to date (same kept digest) and leaves the file alone
     stamp = os.stat(result["embeddings"]).st_mtime_ns
@@ -64,5 +64,5 @@ def test_embed_batch_writes_sorted_embeddings_and_drops_undecodable_members(tmp_
     third = storage.read_parquet(embed_tasks.embed_batch.fn(0, [shard], str(tmp_path), other,
                                                             embed_tasks.model_identity(other))).to_pylist()[0]
     assert third["digest"] != again["digest"] and os.stat(result["embeddings"]).st_mtime_ns != stamp
-    assert not np.allclose(clip.to_numpy(storage.read_parquet(third["embeddings"]).column("image_emb"))[0],
-                           clip.to_numpy(out.column("image_emb"))[0])
+    assert not np.allclose(embeddings.to_numpy(storage.read_parquet(third["embeddings"]).column("image_emb"))[0],
+                           embeddings.to_numpy(out.column("image_emb"))[0])

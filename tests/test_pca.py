@@ -20,9 +20,9 @@ from unclip.data.pca import (
     _Reservoir,
     explained_variance_plot_png,
     fit_pca_quantiser,
-    iter_embedding_batches,
     prefetch,
 )
+from unclip.data.embeddings import iter_embedding_batches
 
 
 def _decaying_data(n: int, d: int, *, offset: float, seed: int = 0) -> np.ndarray:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from unclip.data.pca import fixed_size_list_to_numpy, iter_embedding_batches
+from unclip.data.embeddings import iter_embedding_batches, to_numpy
 from unclip.data.plain_pages import read_column
 
 DIM = 24
@@ -46,7 +46,7 @@ def _fast(data: bytes, column: str, row_group: int, dtype) -> np.ndarray | None:
 
 
 def _arrow(data: bytes, column: str, row_group: int) -> np.ndarray:
-    return fixed_size_list_to_numpy(pq.ParquetFile(io.BytesIO(data)).read_row_group(row_group, columns=[column])
+    return to_numpy(dtype=None, col=pq.ParquetFile(io.BytesIO(data)).read_row_group(row_group, columns=[column])
                                     .column(0))
 
 
@@ -106,7 +106,7 @@ def test_iterator_falls_back_to_arrow_on_compressed_files(tmp_path) -> None:
     pq.write_table(table, packed, compression="zstd", row_group_size=100)
     got = [np.concatenate([b[0] for b in iter_embedding_batches([(str(p), 300)], batch_rows=50, max_rows=1000,
                                                                  seed=0)]) for p in (plain, packed)]
-    ref = fixed_size_list_to_numpy(table.column("image_emb"))
+    ref = to_numpy(dtype=None, col=table.column("image_emb"))
     np.testing.assert_array_equal(got[0], ref)
     np.testing.assert_array_equal(got[1], ref)
 
@@ -126,16 +126,16 @@ def test_iterator_reads_through_fsspec(tmp_path) -> None:
     batches = list(iter_embedding_batches([("memory:///emb/a.parquet", 120)], batch_rows=32, max_rows=100, seed=0))
     assert [len(b[0]) for b in batches] == [32, 32, 32, 4]
     np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]),
-                                  fixed_size_list_to_numpy(table.column("image_emb"))[:100])
+                                  to_numpy(dtype=None, col=table.column("image_emb"))[:100])
     np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]),
-                                  fixed_size_list_to_numpy(table.column("text_emb"))[:100])
+                                  to_numpy(dtype=None, col=table.column("text_emb"))[:100])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_the_embed_stage_layout_takes_the_fast_path(dtype) -> None:
     """The embed stage's own writer options must keep the embedding columns readable by the fast path:
     a change there (compression, dictionary) would silently cost the PCA pass its reading speed."""
-    from unclip.data.clip import EMBEDDING_PARQUET_OPTIONS, embedding_schema
+    from unclip.data.embeddings import EMBEDDING_PARQUET_OPTIONS, embedding_schema
 
     schema = embedding_schema(dtype)
     rows, dim = 5000, schema.field("image_emb").type.list_size

@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from unclip import storage
 from unclip.config import SemanticFilterConfig
-from unclip.data import clip
+from unclip.data import embeddings
 from unclip.tasks import semantic
 
 
@@ -21,8 +21,8 @@ def _shard(tmp_path, name: str, img: np.ndarray, scores: list[float], rank: int)
     keys = [f"{i:05d}" for i in range(n)]
     t = pa.table({
         "key": keys, "uid": [f"{name}/f/{k}" for k in keys], "source": [name] * n, "caption": ["c"] * n,
-        "url": [f"http://h/{name}/{k}" for k in keys], "image_emb": clip.fixed_size_list(img, "float32"),
-        "text_emb": clip.fixed_size_list(img, "float32"), "clip_score": pa.array(scores, pa.float32()),
+        "url": [f"http://h/{name}/{k}" for k in keys], "image_emb": embeddings.fixed_size_list(img, "float32"),
+        "text_emb": embeddings.fixed_size_list(img, "float32"), "clip_score": pa.array(scores, pa.float32()),
     })
     uri = storage.write_parquet(str(tmp_path / "cand" / f"{name}.parquet"), t)
     return {"source": name, "source_rank": rank, "shard": f"shards/{name}/c/00000", "tar": "-", "rows": n,

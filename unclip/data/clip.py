@@ -21,7 +21,6 @@ import os
 from typing import Iterator
 
 import numpy as np
-import pyarrow as pa
 import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -31,9 +30,6 @@ from unclip.config import ClipModelConfig, EmbedConfig
 from unclip.models import CLIP_CONFIG_DIR
 
 log = logging.getLogger(__name__)
-
-EMBED_DIM = 1024
-
 
 def register_project_configs() -> None:
     import open_clip
@@ -187,43 +183,3 @@ def encode_batch(model, images: torch.Tensor, texts: torch.Tensor, device: torch
     img, txt = img.float(), txt.float()
     score = (img * txt).sum(-1)
     return img.cpu().numpy(), txt.cpu().numpy(), score.cpu().numpy()
-
-
-# How embedding files are written, for fast reads (the PCA, and every epoch of prior training, read
-# them): dictionary encoding buys nothing on float columns and made them about 3x slower to read
-# (18 s against 6.4 s per 1M rows of 1024 float16), and zstd saves 8% of their size for 43% more read
-# time (7.2 s against 5.0 s), so the embeddings are stored plain and the other columns with zstd.
-EMBEDDING_PARQUET_OPTIONS = {
-    "row_group_size": 4096,
-    "use_dictionary": ["source"],
-    "compression": {"key": "zstd", "uid": "zstd", "source": "zstd", "caption": "zstd", "url": "zstd",
-                    "image_emb": "none", "text_emb": "none", "clip_score": "zstd"},
-}
-
-
-def embedding_schema(dtype: str) -> pa.Schema:
-    value = pa.float16() if dtype == "float16" else pa.float32()
-    return pa.schema(
-        [
-            pa.field("key", pa.string()),
-            pa.field("uid", pa.string()),
-            pa.field("source", pa.string()),
-            pa.field("caption", pa.string()),
-            pa.field("url", pa.string()),
-            pa.field("image_emb", pa.list_(value, EMBED_DIM)),
-            pa.field("text_emb", pa.list_(value, EMBED_DIM)),
-            pa.field("clip_score", pa.float32()),
-        ]
-    )
-
-
-def fixed_size_list(x: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
-    x = np.ascontiguousarray(x, dtype=np.float16 if dtype == "float16" else np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
-
-
-def to_numpy(col: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
-    """A fixed_size_list column as a [rows, dim] array without a Python loop."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    dim = arr.type.list_size
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(dtype, copy=False)

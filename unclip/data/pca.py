@@ -9,8 +9,7 @@ is drawn from the upper half of its training distribution.
 Everything here is fitted out of core, in memory bounded by the dimension and the batch size, never by
 the row count (the paper-scale run has 650M rows): pass 1 accumulates the scatter matrix for the PCA,
 pass 2 projects every row and keeps a seeded uniform reservoir of projected rows and dot products for
-the bucket edges. Pure numpy; pyarrow/fsspec only in ``iter_embedding_batches`` (the Parquet reader)
-and fsspec in ``PcaQuantiser.save``/``load``; matplotlib only in the plot helper.
+the bucket edges. Pure numpy (the rows come from ``unclip.data.embeddings``); fsspec in ``PcaQuantiser.save``/``load``; matplotlib only in the plot helper.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import os
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -675,116 +674,6 @@ def _check_same_rows(pca: StreamingPCA, sums: _PassSums) -> None:
     diff = float(np.abs(sums.centred_sum / sums.rows).max())
     if diff > tol:
         raise ValueError(f"pass 2's mean differs from pass 1's by {diff:.3g}: the factory is not repeatable")
-
-
-# ----------------------------------------------------------------------------------------- reading
-
-
-def iter_embedding_batches(
-    files: Sequence[tuple[str, int]],
-    *,
-    batch_rows: int,
-    max_rows: int,
-    seed: int,
-    columns: Sequence[str] = ("image_emb", "text_emb"),
-) -> Iterator[tuple[np.ndarray, ...]]:
-    """Yield ``min(max_rows, total)`` rows of embedding columns as tuples of [n, dim] numpy arrays.
-
-    ``files`` is ``[(uri, num_rows), ...]`` of Parquet files whose ``columns`` are
-    ``fixed_size_list<float16|float32, dim>``. Whole files are taken in a seeded random order until
-    their rows reach ``max_rows`` (the last one trimmed), so a sample of a large dataset costs only
-    the files it uses. Batches have at most ``batch_rows`` rows and never span two files; arrays keep
-    the stored dtype. The same arguments yield the same rows in the same order.
-    """
-    import fsspec
-    import pyarrow.parquet as pq
-
-    if batch_rows < 1 or max_rows < 0:
-        raise ValueError("batch_rows must be >= 1 and max_rows >= 0")
-    order = np.random.default_rng(seed).permutation(len(files))
-    remaining = max_rows
-    for i in order:
-        if remaining <= 0:
-            break
-        uri, num_rows = files[i]
-        fs, path = fsspec.core.url_to_fs(uri)
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            if pf.metadata.num_rows != num_rows:
-                raise ValueError(f"{uri} has {pf.metadata.num_rows} rows, the file list says {num_rows}")
-            pending: list[tuple[np.ndarray, ...]] = []
-            pending_rows = 0
-            for rg in range(pf.metadata.num_row_groups):
-                if remaining - pending_rows <= 0:
-                    break
-                group = _read_row_group(f, pf, rg, columns)
-                take = min(len(group[0]), remaining - pending_rows)
-                pending.append(tuple(a[:take] for a in group))
-                pending_rows += take
-                while pending_rows >= batch_rows:
-                    batch, pending = _split_rows(pending, batch_rows)
-                    pending_rows -= batch_rows
-                    remaining -= batch_rows
-                    yield batch
-            if pending_rows:
-                batch, _ = _split_rows(pending, pending_rows)
-                remaining -= pending_rows
-                yield batch
-
-
-def _read_row_group(f: Any, pf: Any, row_group: int, columns: Sequence[str]) -> tuple[np.ndarray, ...]:
-    """One row group's embedding columns as [n, dim] arrays: the fast reader of uncompressed PLAIN
-    pages (``unclip.data.plain_pages``) where the layout allows it, Arrow's reader otherwise."""
-    import pyarrow as pa
-
-    from unclip.data.plain_pages import read_column
-
-    arrow_schema = pf.schema_arrow
-    out = []
-    for c in columns:
-        typ = arrow_schema.field(c).type
-        if not pa.types.is_fixed_size_list(typ):
-            raise TypeError(f"expected a fixed_size_list column {c!r}, got {typ}")
-        arr = None
-        if typ.value_type in (pa.float16(), pa.float32()):
-            arr = read_column(f, pf.metadata, row_group, c, typ.list_size, typ.value_type.to_pandas_dtype())
-        if arr is None:
-            arr = fixed_size_list_to_numpy(pf.read_row_group(row_group, columns=[c]).column(0))
-        out.append(arr)
-    return tuple(out)
-
-
-def _split_rows(parts: list[tuple[np.ndarray, ...]], n: int) -> tuple[tuple[np.ndarray, ...], list[tuple[np.ndarray, ...]]]:
-    """The first ``n`` rows of a list of column tuples, and the rest."""
-    taken, rest, got = [], [], 0
-    for part in parts:
-        if got >= n:
-            rest.append(part)
-            continue
-        k = min(len(part[0]), n - got)
-        taken.append(tuple(a[:k] for a in part))
-        if k < len(part[0]):
-            rest.append(tuple(a[k:] for a in part))
-        got += k
-    if len(taken) == 1:
-        return taken[0], rest
-    return tuple(np.concatenate(cols) for cols in zip(*taken)), rest
-
-
-def fixed_size_list_to_numpy(col: Any) -> np.ndarray:
-    """A ``fixed_size_list<float, dim>`` Arrow array (or chunked array) as an [n, dim] array, no copy
-    where Arrow allows one."""
-    import pyarrow as pa
-
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    if not pa.types.is_fixed_size_list(col.type):
-        raise TypeError(f"expected a fixed_size_list column, got {col.type}")
-    if col.null_count:
-        raise ValueError(f"the embedding column has {col.null_count} null rows")
-    # flatten(), not .values: it honours the slice offset of a trimmed batch.
-    flat = col.flatten()
-    return flat.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
 
 
 # ------------------------------------------------------------------------------------------ report

@@ -1,7 +1,7 @@
 """A fast reader for embedding columns stored as uncompressed PLAIN Parquet pages.
 
 The embed stage writes ``image_emb``/``text_emb`` as ``fixed_size_list<float16|float32, d>`` columns
-without compression or dictionary (``unclip.data.clip.EMBEDDING_PARQUET_OPTIONS``). Parquet keeps a
+without compression or dictionary (``unclip.data.embeddings.EMBEDDING_PARQUET_OPTIONS``). Parquet keeps a
 list column as one repetition and one definition level per value and, for float16, a 2-byte
 FIXED_LEN_BYTE_ARRAY per value; Arrow's reader decodes both value by value, which costs about 7 s of
 one core per 1M rows of 1,024 float16 values (measured, bench/bench_pca.py), most of a PCA pass.

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from unclip import drops, storage
 from unclip.config import EmbedConfig
-from unclip.data import clip
+from unclip.data import clip, embeddings
 from unclip.tasks.common import Progress, batch_run_name, in_prefect_run
 from unclip.tasks.filter import shard_file
 
@@ -70,8 +70,8 @@ def _write_shard(uri: str, drops_uri: str, kept: pa.Table, parts: dict[str, list
     member webdataset could not decode) become drop records instead. Returns the rows written."""
     parts = parts or {"key": [], "img": [], "txt": [], "score": []}
     order = np.argsort(np.asarray(parts["key"], dtype=object)) if parts["key"] else np.zeros(0, np.int64)
-    img = np.concatenate(parts["img"])[order] if parts["img"] else np.zeros((0, clip.EMBED_DIM), np.float32)
-    txt = np.concatenate(parts["txt"])[order] if parts["txt"] else np.zeros((0, clip.EMBED_DIM), np.float32)
+    img = np.concatenate(parts["img"])[order] if parts["img"] else np.zeros((0, embeddings.EMBED_DIM), np.float32)
+    txt = np.concatenate(parts["txt"])[order] if parts["txt"] else np.zeros((0, embeddings.EMBED_DIM), np.float32)
     score = np.concatenate(parts["score"])[order] if parts["score"] else np.zeros(0, np.float32)
     got = pa.array([parts["key"][i] for i in order], pa.string())
     present = pc.is_in(kept.column("key"), value_set=got)
@@ -85,7 +85,7 @@ def _write_shard(uri: str, drops_uri: str, kept: pa.Table, parts: dict[str, list
     kept = kept.filter(present).sort_by("key")
     if kept.column("key").to_pylist() != got.to_pylist():
         raise RuntimeError(f"{uri}: the loader returned keys that are not among the shard's kept rows")
-    schema = clip.embedding_schema(dtype).with_metadata({DIGEST_KEY: digest.encode()})
+    schema = embeddings.embedding_schema(dtype).with_metadata({DIGEST_KEY: digest.encode()})
     table = pa.table(
         {
             "key": kept.column("key"),
@@ -93,13 +93,13 @@ def _write_shard(uri: str, drops_uri: str, kept: pa.Table, parts: dict[str, list
             "source": kept.column("source"),
             "caption": kept.column("caption"),
             "url": kept.column("url"),
-            "image_emb": clip.fixed_size_list(img, dtype),
-            "text_emb": clip.fixed_size_list(txt, dtype),
+            "image_emb": embeddings.fixed_size_list(img, dtype),
+            "text_emb": embeddings.fixed_size_list(txt, dtype),
             "clip_score": pa.array(score.astype(np.float32)),
         },
         schema=schema,
     )
-    storage.write_parquet(uri, table, **clip.EMBEDDING_PARQUET_OPTIONS)
+    embeddings.write(uri, table)
     return table.num_rows
 
 

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from unclip import storage
 from unclip.config import PcaConfig
-from unclip.data import pca
+from unclip.data import embeddings, pca
 from unclip.tasks.common import artifact_key, in_prefect_run
 
 
@@ -29,7 +29,7 @@ def fit_pca(files: list[tuple[str, int]], workdir: str, cfg: PcaConfig, fit_shar
         raise ValueError("pca: the final embeddings are empty; nothing to fit")
 
     def batches(columns=("image_emb", "text_emb")):
-        return pca.iter_embedding_batches(files, batch_rows=cfg.batch_rows, max_rows=cfg.max_rows, seed=cfg.seed,
+        return embeddings.iter_embedding_batches(files, batch_rows=cfg.batch_rows, max_rows=cfg.max_rows, seed=cfg.seed,
                                           columns=columns)
 
     def image_batches():  # pass 1 needs the image column only; decoding the text column too costs ~2x

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from unclip import drops, storage
 from unclip.config import SemanticFilterConfig
-from unclip.data import clip, filters
+from unclip.data import embeddings, filters
 from unclip.tasks.common import batch_run_name, read_routed, route_by_batch
 from unclip.tasks import embed as embed_tasks
 from unclip.tasks.embed import DIGEST_KEY
@@ -50,7 +50,7 @@ def train_centroids(files: list[str], cells: int, work: str, seed: int = 0) -> s
     rng = np.random.default_rng(seed)
     sample, have = [], 0
     for i in rng.permutation(len(files)):
-        emb = clip.to_numpy(storage.read_parquet(files[i], columns=["image_emb"]).column("image_emb"))
+        emb = embeddings.to_numpy(storage.read_parquet(files[i], columns=["image_emb"]).column("image_emb"))
         sample.append(emb)
         have += len(emb)
         if have >= want:
@@ -109,7 +109,7 @@ def score_and_assign(batch: int, shards: list[dict], work: str, cfg: SemanticFil
             if cents is None:
                 cell = np.zeros(keep.num_rows, dtype=np.int32)
             else:
-                emb = clip.to_numpy(keep.column("image_emb"))
+                emb = embeddings.to_numpy(keep.column("image_emb"))
                 cell = np.argmax(emb @ cents.T, axis=1).astype(np.int32)
             keep = keep.select(["uid", "url", "source", "image_emb"]).append_column(
                 "source_rank", pa.array([s["source_rank"]] * keep.num_rows, pa.int32())
@@ -134,7 +134,7 @@ def near_dedup_group(group: int, work: str, threshold: float) -> int:
     for cell in np.unique(rows.column("cell").to_numpy()):
         c = rows.filter(pc.equal(rows.column("cell"), cell)).sort_by([("source_rank", "ascending"),
                                                                      ("uid", "ascending")])
-        is_dup, match, sim = filters.near_duplicates(clip.to_numpy(c.column("image_emb")), threshold)
+        is_dup, match, sim = filters.near_duplicates(embeddings.to_numpy(c.column("image_emb")), threshold)
         idx = np.flatnonzero(is_dup)
         if not len(idx):
             continue
@@ -173,7 +173,7 @@ def finalize_batch(batch: int, shards: list[dict], work: str, workdir: str) -> s
         # named by that digest: a released dataset version's files are never rewritten
         uri = shard_file(workdir, "embeddings", f"{s['shard']}.{digest[:16]}")
         if not storage.exists(uri):
-            storage.write_parquet(uri, kept, **clip.EMBEDDING_PARQUET_OPTIONS)
+            embeddings.write(uri, kept)
         drops_uri = storage.write_parquet(shard_file(workdir, "drops/semantic_filter", s["shard"]), drop)
         for k, v in (("source", s["source"]), ("source_rank", s["source_rank"]), ("shard", s["shard"]),
                      ("tar", s["tar"]), ("rows", kept.num_rows), ("digest", digest), ("kept", uri),

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from unclip import storage
 from unclip.config import RunConfig
-from unclip.data import clip, pca
+from unclip.data import embeddings, pca
 
 GALLERY = 1000
 RECALL_AT = (1, 5, 10)
@@ -102,7 +102,7 @@ def _eval_pca(ctx: StageContext) -> dict:
     model = pca.PcaQuantiser.load(io.BytesIO(storage.read_bytes(uri)))
     sq = err_pca = err_q = 0.0
     n = exact = 0
-    for (x,) in pca.iter_embedding_batches(_file_rows(ctx.eval_files), batch_rows=ctx.config.pca.batch_rows,
+    for (x,) in embeddings.iter_embedding_batches(_file_rows(ctx.eval_files), batch_rows=ctx.config.pca.batch_rows,
                                            max_rows=ctx.config.pca.max_rows, seed=0, columns=("image_emb",)):
         x = x.astype(np.float32)
         z = model.project(x)
@@ -146,13 +146,13 @@ def _eval_retrieval(ctx: StageContext) -> dict:
         while rows >= GALLERY:
             table = pa.Table.from_batches(held)
             first, rest = table.slice(0, GALLERY), table.slice(GALLERY)
-            score(*(clip.to_numpy(first.column(c)).astype(np.float32) for c in ("image_emb", "text_emb")))
+            score(*(embeddings.to_numpy(first.column(c)).astype(np.float32) for c in ("image_emb", "text_emb")))
             held, rows = rest.to_batches(), rest.num_rows
     if rows >= 2 or n == 0:
         if rows < 2:
             raise ValueError(f"eval_retrieval: {rows} held-out pairs; at least 2 are needed")
         table = pa.Table.from_batches(held)
-        score(*(clip.to_numpy(table.column(c)).astype(np.float32) for c in ("image_emb", "text_emb")))
+        score(*(embeddings.to_numpy(table.column(c)).astype(np.float32) for c in ("image_emb", "text_emb")))
     metrics = {k: v / n for k, v in hits.items()}
     metrics.update(heldout_pairs=n, gallery=min(GALLERY, n), galleries=galleries, mean_clip_score=score_sum / n)
     return {"outputs": {}, "metrics": metrics}
