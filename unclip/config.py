@@ -252,10 +252,76 @@ class LaunchConfig(_Strict):
         return self
 
 
+class StageTrainConfig(_Strict):
+    """The trainer's settings for one training stage (``train.<stage>``): a fixed step budget, AdamW
+    with linear warmup and cosine decay, clipping, EMA and checkpointing."""
+
+    steps: int = Field(1000, ge=1, description="Optimiser steps (the budget; not epochs).")
+    batch_size: int = Field(
+        256, ge=1, description="Samples per optimiser step over all processes and accumulation steps (the "
+        "global batch: a recipe means the same on 1 or 64 GPUs). Must divide by processes x grad_accum.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimiser step.")
+    lr: float = Field(5e-4, gt=0.0, le=1.0, description="Peak learning rate (after warmup).")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final learning rate as a fraction of lr.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup from 0 to lr over these steps.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW decay, on 2-D weights only.")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas.")
+    eps: float = Field(1e-6, gt=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Clip the global gradient norm; null disables.")
+    ema_decay: float | None = Field(
+        0.999, ge=0.0, lt=1.0, description="EMA of the weights (warmed up: min(decay, (1+n)/(10+n)) at "
+        "update n); null disables. The released weights are the EMA's when it is on.")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (one is also written at "
+                                  "exit).")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are removed.")
+    log_every: int = Field(10, ge=1, description="Steps between TensorBoard scalars and progress updates.")
+    seed: int = Field(0, description="Seeds the model's initialisation, the data order and augmentation.")
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes decoding images per process.")
+
+    @model_validator(mode="after")
+    def _budget(self) -> "StageTrainConfig":
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must divide by grad_accum ({self.grad_accum})")
+        return self
+
+
+class ClipTrainConfig(StageTrainConfig):
+    """CLIP on the mix of every source (stage ``clip``): open_clip's model, transforms and loss."""
+
+    arch: str = Field("unclip-tiny", description="open_clip architecture (the project's are registered).")
+    init: Literal["random", "pretrained", "checkpoint"] = Field(
+        "random", description="Start from a seeded random initialisation, an open_clip pretrained tag "
+        "(`pretrained`), or a local open_clip checkpoint (`checkpoint`).")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag, for init: pretrained.")
+    checkpoint: str | None = Field(None, description="Checkpoint path or URI, for init: checkpoint.")
+    source_weights: dict[str, float] | None = Field(
+        None, description="Sampling probability per source (normalised); null draws every source with equal "
+        "probability whatever its size (the paper's 50/50 mix of two sources).")
+    shuffle_buffer: int = Field(1000, ge=1, description="Samples in each source's shuffle buffer.")
+    # open_clip's usual weight decay; a short run's EMA decay (DALLE2-pytorch #131: 0.99-0.995)
+    weight_decay: float = Field(0.2, ge=0.0, description="AdamW decay, on 2-D weights only.")
+    ema_decay: float | None = Field(0.995, ge=0.0, lt=1.0, description="EMA of the weights; null disables.")
+
+    @model_validator(mode="after")
+    def _init_source(self) -> "ClipTrainConfig":
+        if self.init == "pretrained" and not self.pretrained:
+            raise ValueError("init: pretrained needs `pretrained` (an open_clip tag)")
+        if self.init == "checkpoint" and not self.checkpoint:
+            raise ValueError("init: checkpoint needs `checkpoint` (a path or URI)")
+        if self.source_weights is not None:
+            bad = {k: v for k, v in self.source_weights.items() if not v >= 0}
+            if bad or not sum(self.source_weights.values()) > 0:
+                raise ValueError("source_weights must be non-negative with a positive sum")
+        return self
+
+
 class TrainConfig(_Strict):
-    """The training stages (the training issues add their own sections)."""
+    """The training stages: how they launch, the held-out split, and each stage's trainer settings."""
 
     launch: LaunchConfig = LaunchConfig()
+    clip: ClipTrainConfig = ClipTrainConfig()
     eval_fraction: float = Field(
         0.05, gt=0.0, lt=1.0, description="Fraction of a dataset version's shards held out for evaluation "
         "(chosen by a hash of the shard name, so a shard never changes sides as the dataset grows).",

@@ -196,6 +196,12 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def barrier() -> None:
+    """Wait for every process (a no-op without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def is_main() -> bool:
     """Whether this is global rank 0, the process that writes checkpoints, logs and outputs."""
     return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,0 +1,192 @@
+"""The shared trainer: schedule, EMA, clipping, accumulation, checkpoints and exact resume, the NaN
+guard, TensorBoard event files, and 2-process DDP against 1 process on the same global batch."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from unclip.config import LaunchConfig, StageTrainConfig
+from unclip.train import trainer as tr
+from unclip.train.distributed import launch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_task import ToyTask  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
+       "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _cfg(**kw) -> StageTrainConfig:
+    base = dict(steps=12, batch_size=8, lr=0.05, warmup_steps=3, checkpoint_every=4, log_every=2, seed=0,
+                ema_decay=0.9, grad_clip=1.0, weight_decay=0.01)
+    return StageTrainConfig(**{**base, **kw})
+
+
+def _weights(out: str) -> dict[str, torch.Tensor]:
+    return tr.load_checkpoint(tr.latest_checkpoint(out))["model"]
+
+
+def test_lr_schedule_warmup_then_cosine_to_the_floor():
+    cfg = StageTrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert [tr.lr_at(s, cfg) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert tr.lr_at(9, cfg) == pytest.approx(1.0)
+    assert tr.lr_at(10, cfg) == pytest.approx(1.0)
+    assert tr.lr_at(60, cfg) == pytest.approx(0.55)  # half way down the cosine
+    assert tr.lr_at(110, cfg) == pytest.approx(0.1)
+    lrs = [tr.lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_ema_warms_up_then_tracks_with_its_decay():
+    update = tr.ema_avg_fn(0.9)
+    ema, cur = [torch.zeros(3)], [torch.ones(3)]
+    update(ema, cur, torch.tensor(0))  # first update: decay min(0.9, 1/10) = 0.1
+    assert torch.allclose(ema[0], torch.full((3,), 0.9))
+    ema = [torch.zeros(3)]
+    update(ema, cur, torch.tensor(1000))  # late: the configured decay
+    assert torch.allclose(ema[0], torch.full((3,), 0.1))
+
+
+def test_param_groups_decay_matrices_only():
+    groups = tr.param_groups(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)), 0.1)
+    assert [p.ndim for p in groups[0]["params"]] == [2] and groups[0]["weight_decay"] == 0.1
+    assert sorted(p.ndim for p in groups[1]["params"]) == [1, 1, 1] and groups[1]["weight_decay"] == 0.0
+
+
+def test_training_reduces_loss_and_clips(tmp_path):
+    seen = []
+    res = tr.Trainer(ToyTask(), _cfg(steps=40, grad_clip=0.05), str(tmp_path),
+                     on_progress=lambda s, n, m: seen.append((s, m))).run()
+    assert res.step == 40
+    first, last = seen[0][1], seen[-1][1]
+    assert last["loss"] < 0.5 * first["loss"]
+    # the gradient norm is logged before clipping; the applied update respects the clip
+    assert max(m["grad_norm"] for _, m in seen) > 0.05
+    ck = tr.load_checkpoint(res.checkpoint)
+    assert ck["step"] == 40 and ck["stage"] == "toy" and ck["model_config"]["hidden"] == 8
+    assert set(ck) >= {"model", "ema", "optimizer", "rng", "data_position", "train_config", "lineage", "task_state"}
+    assert ck["task_state"]["seen"] == 40 * 8
+    assert ck["data_position"]["micro_batches"] == 40
+    # real TensorBoard event files with the scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"toy/loss", "toy/lr", "toy/grad_norm", "toy/samples_per_s"} <= tags
+    assert [e.step for e in acc.Scalars("toy/loss")] == list(range(2, 41, 2))
+    assert json.loads((tmp_path / "progress.json").read_text())["step"] == 40
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    a = tr.Trainer(ToyTask(), _cfg(steps=3, grad_accum=1, ema_decay=None), str(tmp_path / "a")).run()
+    b = tr.Trainer(_SplitToy(), _cfg(steps=3, grad_accum=2, ema_decay=None), str(tmp_path / "b")).run()
+    wa, wb = _weights(str(tmp_path / "a")), _weights(str(tmp_path / "b"))
+    assert a.step == b.step == 3
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
+class _SplitToy(ToyTask):
+    """The same global batches as ToyTask, delivered as two half micro-batches each."""
+
+    def batches(self, micro_batch, start, ctx):
+        index = start // 2
+        while True:
+            x, y = self.global_batch(index, micro_batch * 2)
+            yield index, x[:micro_batch], y[:micro_batch]
+            yield index, x[micro_batch:], y[micro_batch:]
+            index += 1
+
+
+def test_resume_continues_to_the_same_weights(tmp_path):
+    full = tr.Trainer(ToyTask(), _cfg(), str(tmp_path / "full")).run()
+    # the same run stopped by a NaN at step 6 keeps its step-4 checkpoint, then resumes without it
+    with pytest.raises(tr.NonFiniteLossError, match="step 6.*last good checkpoint is .*step-00000004.pt"):
+        tr.Trainer(ToyTask(nan_at=6), _cfg(), str(tmp_path / "cut")).run()
+    assert tr.load_step(str(tmp_path / "cut")) == 4
+    resumed = tr.Trainer(ToyTask(), _cfg(), str(tmp_path / "cut")).run()
+    assert resumed.resumed_from == 4 and resumed.step == 12
+    a, b = tr.load_checkpoint(full.checkpoint), tr.load_checkpoint(resumed.checkpoint)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    assert a["task_state"] == b["task_state"]
+    # a finished run resumed does nothing
+    again = tr.Trainer(ToyTask(), _cfg(), str(tmp_path / "cut")).run()
+    assert again.step == 12 and again.resumed_from == 12
+    assert len(glob.glob(str(tmp_path / "cut" / "checkpoints" / "*.pt"))) == 2  # keep_checkpoints
+
+
+def test_nan_loss_stops_with_a_clear_error_and_no_new_checkpoint(tmp_path):
+    with pytest.raises(tr.NonFiniteLossError, match="loss is nan.*step 1;.*none"):
+        tr.Trainer(ToyTask(nan_at=1), _cfg(), str(tmp_path)).run()
+    assert tr.latest_checkpoint(str(tmp_path)) is None
+
+
+def test_batch_must_split_over_processes_and_accumulation():
+    with pytest.raises(ValueError, match="batch_size 6 does not split into 2 micro-batches over 4 processes"):
+        from unclip.train.distributed import DistContext
+
+        tr.Trainer(ToyTask(), _cfg(batch_size=6, grad_accum=2), "/tmp/x", ctx=DistContext(0, 4, 0, torch.device("cpu")))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tmp_path):
+    cfg = _cfg(steps=4, checkpoint_every=2)
+    one = tr.Trainer(ToyTask(), cfg, str(tmp_path / "one")).run()
+    launch(LaunchConfig(nproc_per_node=2, backend="gloo"), "toy_task",
+           ["--out", str(tmp_path / "two"), "--config", cfg.model_dump_json()],
+           log_path=str(tmp_path / "two.log"), env=ENV, timeout_s=180)
+    a, b = tr.load_checkpoint(one.checkpoint), tr.load_checkpoint(tr.latest_checkpoint(str(tmp_path / "two")))
+    assert b["data_position"]["world_size"] == 2 and len(b["rng"]) == 2
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-6, rtol=1e-5, msg=k)
+    for k in a["ema"]:
+        torch.testing.assert_close(b["ema"][k], a["ema"][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
+    cfg = _cfg(steps=10, checkpoint_every=3)
+    ref = tr.Trainer(ToyTask(), cfg, str(tmp_path / "ref")).run()
+    cmd = [sys.executable, "-m", "toy_task", "--out", str(tmp_path / "k"), "--config", cfg.model_dump_json(),
+           "--stall-at", "7"]
+    proc = subprocess.Popen(cmd, env={**os.environ, **ENV}, stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout.readline().strip() == b"stalled"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    assert tr.load_step(str(tmp_path / "k")) == 6
+    subprocess.run(cmd[:-2], env={**os.environ, **ENV}, check=True, timeout=120)
+    a, b = tr.load_checkpoint(ref.checkpoint), tr.load_checkpoint(tr.latest_checkpoint(str(tmp_path / "k")))
+    assert b["step"] == 10
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_sigterm_writes_an_exit_checkpoint(tmp_path):
+    task = ToyTask()
+    original = task.loss
+
+    def loss(model, batch):
+        if batch[0] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(model, batch)
+
+    task.loss = loss
+    with pytest.raises(KeyboardInterrupt, match="stopped by signal"):
+        tr.Trainer(task, _cfg(), str(tmp_path)).run()
+    assert tr.load_step(str(tmp_path)) == 6
+    time.sleep(0)

@@ -1,0 +1,89 @@
+"""A tiny regression task for the trainer's tests: deterministic data addressed by position, so a
+resumed run sees exactly the batches an uninterrupted one would. Also runs under torchrun:
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m toy_task --out D --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from unclip.config import StageTrainConfig
+from unclip.train import distributed
+
+D_IN, D_OUT = 6, 3
+
+
+class ToyTask:
+    name = "toy"
+
+    def __init__(self, seed: int = 0, nan_at: int | None = None, stall_at: int | None = None) -> None:
+        self.seed = seed
+        self.nan_at = nan_at  # the micro-batch index whose loss is NaN
+        self.stall_at = stall_at  # the micro-batch index at which the process waits to be killed
+        self.seen = 0
+
+    def model_config(self) -> dict:
+        return {"d_in": D_IN, "hidden": 8, "d_out": D_OUT}
+
+    def build_model(self, cfg: dict) -> nn.Module:
+        return nn.Sequential(nn.Linear(cfg["d_in"], cfg["hidden"]), nn.Tanh(), nn.Linear(cfg["hidden"], cfg["d_out"]))
+
+    def global_batch(self, index: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        x = torch.randn(rows, D_IN, generator=g)
+        w = torch.arange(D_IN * D_OUT, dtype=torch.float32).reshape(D_IN, D_OUT) / 10
+        return x, torch.tanh(x @ w) + 0.01 * torch.randn(rows, D_OUT, generator=g)
+
+    def batches(self, micro_batch: int, start: int, ctx: distributed.DistContext) -> Iterator:
+        index = start
+        while True:
+            x, y = self.global_batch(index, micro_batch * ctx.world_size)
+            mine = slice(ctx.rank * micro_batch, (ctx.rank + 1) * micro_batch)
+            yield index, x[mine].to(ctx.device), y[mine].to(ctx.device)
+            index += 1
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        index, x, y = batch
+        if self.stall_at is not None and index == self.stall_at:
+            import time
+
+            print("stalled", flush=True)
+            time.sleep(600)
+        self.seen += len(x)
+        loss = nn.functional.mse_loss(model(x), y)
+        if self.nan_at is not None and index >= self.nan_at:
+            loss = loss * float("nan")
+        return loss, {"rows": float(len(x))}
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = state["seen"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--config", required=True, help="StageTrainConfig as JSON")
+    ap.add_argument("--strategy", default="ddp")
+    ap.add_argument("--stall-at", type=int, default=None)
+    a = ap.parse_args()
+    ctx = distributed.init("gloo")
+    try:
+        from unclip.train.trainer import Trainer
+
+        cfg = StageTrainConfig.model_validate(json.loads(a.config))
+        Trainer(ToyTask(stall_at=a.stall_at), cfg, a.out, strategy=a.strategy, ctx=ctx).run()
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main()

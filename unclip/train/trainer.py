@@ -1,0 +1,394 @@
+"""The one training loop every training stage uses (CLIP, the priors, the decoder, the upsamplers).
+
+A stage supplies a ``TrainTask``: how to build its model (from a config dict that the checkpoint
+carries, so a resumed or released model is rebuilt from the checkpoint alone), an iterator of
+micro-batches that can start at a given position, and its loss. Everything else is here, once:
+
+- a fixed step budget; gradient accumulation; global-norm clipping; AdamW with decay on 2-D weights
+  only; the learning rate a pure function of the step (linear warmup, cosine decay), so a resumed run
+  follows the same schedule exactly;
+- EMA weights through ``torch.optim.swa_utils.AveragedModel`` (with a warmed-up decay, so short runs
+  are not dominated by the initialisation);
+- bf16 autocast on CUDA, fp32 on CPU; DDP or FSDP applied from outside by ``distributed.wrap_model``;
+- a self-describing checkpoint every ``checkpoint_every`` steps and at exit: model config, weights,
+  EMA, optimiser, step, data position, RNG states, the task's state and the lineage (dataset, PCA and
+  code versions); written atomically, the newest found through ``checkpoints/latest.json``, and a run
+  resumes from it automatically;
+- a guard that stops on a non-finite loss or gradient with a clear error, before the optimiser step,
+  so the last checkpoint stays the last good one;
+- TensorBoard scalars (``<out>/tensorboard``) and a ``progress.json`` that the Prefect side turns into
+  a progress artifact (a torchrun worker has no Prefect context of its own).
+
+Distributed: ``batch_size`` is the global batch; each of ``world_size`` processes takes
+``batch_size / (world_size * grad_accum)`` samples per micro-batch. Rank 0 writes checkpoints, logs
+and progress; every rank reads the checkpoint on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from unclip import storage
+from unclip.config import StageTrainConfig
+from unclip.train import distributed
+
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradient norm went NaN/inf; training stopped before the optimiser step."""
+
+
+class TrainTask(Protocol):
+    """What a training stage supplies to the trainer."""
+
+    name: str
+
+    def model_config(self) -> dict:
+        """JSON-serialisable description from which ``build_model`` rebuilds the network."""
+
+    def build_model(self, model_config: dict) -> nn.Module:
+        """The network, initialised (the trainer seeds torch first)."""
+
+    def batches(self, micro_batch: int, start: int, ctx: distributed.DistContext) -> Iterator[Any]:
+        """This rank's micro-batches of ``micro_batch`` samples, starting after ``start`` micro-batches
+        (the data position: a resumed run continues the same stream)."""
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """The mean loss of a micro-batch and scalars to log (averaged over the logging window)."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: str
+    resumed_from: int | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# -- the schedule -----------------------------------------------------------------------------------
+def lr_at(step: int, cfg: StageTrainConfig) -> float:
+    """The learning rate for optimiser step ``step`` (0-based): linear warmup to ``lr`` over
+    ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def ema_avg_fn(decay: float) -> Callable:
+    """AveragedModel's ``multi_avg_fn``: EMA whose decay ramps up as min(decay, (1+n)/(10+n)) over the
+    first updates (n = updates so far), so a short run's EMA is not stuck near the initialisation."""
+
+    @torch.no_grad()
+    def update(ema: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        torch._foreach_lerp_(ema, current, 1.0 - d)
+
+    return update
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay on matrices and embeddings (dim >= 2); none on biases, norms' gains, scalars."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def checkpoint_dir(out_dir: str) -> str:
+    return storage.join(out_dir, "checkpoints")
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The newest complete checkpoint of a training output folder, or None."""
+    pointer = storage.join(checkpoint_dir(out_dir), "latest.json")
+    if not storage.exists(pointer):
+        return None
+    uri = storage.read_json(pointer)["checkpoint"]
+    return uri if storage.exists(uri) else None
+
+
+def load_checkpoint(uri: str) -> dict:
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimiser state dicts on CPU, whatever the wrapper."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, optimizer, options=opts)
+
+
+def _load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+class Trainer:
+    """Train ``task`` for ``cfg.steps`` optimiser steps, writing into ``out_dir``.
+
+    ``lineage`` (dataset version, PCA version, code version, ...) goes into every checkpoint.
+    ``on_progress(step, steps, scalars)`` is called on rank 0 at each log step (in-process use).
+    """
+
+    def __init__(self, task: TrainTask, cfg: StageTrainConfig, out_dir: str, *, lineage: dict | None = None,
+                 strategy: str = "ddp", ctx: distributed.DistContext | None = None,
+                 on_progress: Callable[[int, int, dict], None] | None = None) -> None:
+        self.task, self.cfg, self.out_dir = task, cfg, out_dir
+        self.lineage = lineage or {}
+        self.strategy = strategy
+        self.ctx = ctx or distributed.init()
+        self.on_progress = on_progress
+        per_rank = cfg.batch_size // cfg.grad_accum
+        if per_rank % self.ctx.world_size:
+            raise ValueError(f"train.{task.name}.batch_size {cfg.batch_size} does not split into {cfg.grad_accum} "
+                             f"micro-batches over {self.ctx.world_size} processes")
+        self.micro_batch = per_rank // self.ctx.world_size
+        self.main = self.ctx.rank == 0
+
+    # the checkpoint a run resumes from: its own latest
+    def _resume_state(self) -> dict | None:
+        uri = latest_checkpoint(self.out_dir)
+        return load_checkpoint(uri) if uri else None
+
+    def run(self) -> TrainResult:
+        cfg, ctx = self.cfg, self.ctx
+        state = self._resume_state()
+        model_config = state["model_config"] if state else self.task.model_config()
+        torch.manual_seed(cfg.seed)
+        model = self.task.build_model(model_config)
+        wrapped = distributed.wrap_model(model, self.strategy, ctx, blocks=getattr(model, "fsdp_blocks", lambda: [])())
+        # after wrapping: under FSDP the EMA copies the sharded parameters (each rank averages its shard)
+        ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(cfg.ema_decay), use_buffers=True) \
+            if cfg.ema_decay is not None else None
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr_at(0, cfg), betas=cfg.betas,
+                                      eps=cfg.eps, fused=False)
+        step, resumed_from = 0, None
+        if state:
+            if state.get("stage") != self.task.name:
+                raise ValueError(f"{self.out_dir}: its checkpoint is of stage {state.get('stage')!r}, "
+                                 f"not {self.task.name!r}")
+            _load_full_state(wrapped, optimizer, state["model"], state["optimizer"])
+            if ema is not None and state.get("ema") is not None:
+                ema.load_state_dict(state["ema"])
+            if hasattr(self.task, "load_state_dict") and state.get("task_state") is not None:
+                self.task.load_state_dict(state["task_state"])
+            step = resumed_from = int(state["step"])
+            _set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
+        writer = self._writer()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else \
+            torch.autocast("cpu", enabled=False)
+        stop = {"signal": None}
+        previous = self._trap_signals(stop)
+        batches = self.task.batches(self.micro_batch, step * cfg.grad_accum, ctx)
+        window: dict[str, float] = {}
+        window_n, t0, samples = 0, time.perf_counter(), 0
+        last_ckpt = latest_checkpoint(self.out_dir)
+        finished_cleanly = False
+        try:
+            wrapped.train()
+            while step < cfg.steps:
+                lr = lr_at(step, cfg)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                scalars: dict[str, float] = {}
+                total = torch.zeros((), device=ctx.device)
+                for micro in range(cfg.grad_accum):
+                    batch = next(batches)
+                    # DDP syncs gradients on the last micro-batch only
+                    sync = micro == cfg.grad_accum - 1 or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
+                    with (wrapped.no_sync() if not sync else contextlib.nullcontext()), autocast:
+                        loss, extra = self.task.loss(wrapped, batch)
+                        (loss / cfg.grad_accum).backward()
+                    total += loss.detach().float() / cfg.grad_accum
+                    for k, v in extra.items():
+                        scalars[k] = scalars.get(k, 0.0) + float(v) / cfg.grad_accum
+                mean_loss = distributed.all_reduce_mean(total)
+                if cfg.grad_clip is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                if not (torch.isfinite(mean_loss) and torch.isfinite(grad_norm)):
+                    raise NonFiniteLossError(
+                        f"train.{self.task.name}: the loss is {float(mean_loss)} and the gradient norm "
+                        f"{float(grad_norm)} at step {step}; stopped before the optimiser step. The last good "
+                        f"checkpoint is {last_ckpt or 'none (no checkpoint was written yet)'}. Lower the "
+                        f"learning rate (now {lr:.3g}) or check the data.")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update_parameters(model)
+                step += 1
+                samples += cfg.batch_size
+                scalars.update(loss=float(mean_loss), lr=lr, grad_norm=float(grad_norm))
+                for k, v in scalars.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_n += 1
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    elapsed = time.perf_counter() - t0
+                    logged = {k: v / window_n for k, v in window.items()}
+                    logged["samples_per_s"] = samples / max(elapsed, 1e-9)
+                    self._log(writer, step, logged)
+                    window, window_n, t0, samples = {}, 0, time.perf_counter(), 0
+                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    last_ckpt = self._save(step, wrapped, optimizer, ema, model_config)
+                if stop["signal"] is not None:
+                    raise _StopRequested()
+            finished_cleanly = True
+        except _StopRequested:
+            pass
+        finally:
+            self._restore_signals(previous)
+            if writer is not None:
+                writer.flush()
+            # the exit checkpoint: after a finished step (a failed one left the last good one in place)
+        if finished_cleanly or stop["signal"] is not None:
+            if latest_checkpoint(self.out_dir) is None or load_step(self.out_dir) != step:
+                last_ckpt = self._save(step, wrapped, optimizer, ema, model_config)
+        if writer is not None:
+            writer.close()
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt(f"train.{self.task.name}: stopped by signal {stop['signal']} at step {step}; "
+                                    f"checkpoint {last_ckpt}")
+        self._progress(step, {"done": True})
+        return TrainResult(step=step, checkpoint=last_ckpt or "", resumed_from=resumed_from)
+
+    # -- pieces --------------------------------------------------------------------------------------
+    def _writer(self):
+        if not self.main:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(storage.fs_and_path(storage.join(self.out_dir, "tensorboard"))[1]
+                             if storage.is_local(self.out_dir) else storage.join(self.out_dir, "tensorboard"))
+
+    def _log(self, writer, step: int, scalars: dict[str, float]) -> None:
+        if not self.main:
+            return
+        for k, v in scalars.items():
+            writer.add_scalar(f"{self.task.name}/{k}", v, step)
+        writer.flush()
+        self._progress(step, scalars)
+        if self.on_progress is not None:
+            self.on_progress(step, self.cfg.steps, scalars)
+
+    def _progress(self, step: int, scalars: dict) -> None:
+        if self.main:
+            storage.write_json(storage.join(self.out_dir, "progress.json"),
+                               {"stage": self.task.name, "step": step, "steps": self.cfg.steps, **scalars})
+
+    def _save(self, step: int, wrapped: nn.Module, optimizer, ema, model_config: dict) -> str:
+        model_sd, optim_sd = _full_state(wrapped, optimizer)
+        rng = _gather_rng(self.ctx)
+        uri = storage.join(checkpoint_dir(self.out_dir), f"step-{step:08d}.pt")
+        if self.main:
+            state = {
+                "format": CHECKPOINT_FORMAT, "stage": self.task.name, "step": step,
+                "model_config": model_config, "model": model_sd, "optimizer": optim_sd,
+                "ema": ema.state_dict() if ema is not None else None,
+                "train_config": self.cfg.model_dump(mode="json"),
+                "data_position": {"micro_batches": step * self.cfg.grad_accum, "micro_batch": self.micro_batch,
+                                  "world_size": self.ctx.world_size},
+                "task_state": self.task.state_dict() if hasattr(self.task, "state_dict") else None,
+                "rng": rng, "lineage": self.lineage,
+                "lr": lr_at(max(step - 1, 0), self.cfg),
+            }
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            storage.write_bytes(uri, buf.getvalue())
+            storage.write_json(storage.join(checkpoint_dir(self.out_dir), "latest.json"),
+                               {"checkpoint": uri, "step": step})
+            self._prune(uri)
+        distributed.barrier()
+        return uri
+
+    def _prune(self, newest: str) -> None:
+        found = sorted(u for u in storage.listdir(checkpoint_dir(self.out_dir)) if u.endswith(".pt"))
+        for u in found[:-self.cfg.keep_checkpoints]:
+            if u != newest:
+                storage.remove(u)
+
+    def _trap_signals(self, stop: dict) -> dict:
+        """SIGTERM (a preempted pod, torchrun passing on a stop) ends the loop after the current step,
+        with an exit checkpoint."""
+        if not hasattr(signal, "SIGTERM") or _not_main_thread():
+            return {}
+
+        def handler(signum, frame):
+            stop["signal"] = signum
+
+        return {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
+
+    @staticmethod
+    def _restore_signals(previous: dict) -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def load_step(out_dir: str) -> int | None:
+    pointer = storage.join(checkpoint_dir(out_dir), "latest.json")
+    return storage.read_json(pointer)["step"] if storage.exists(pointer) else None
+
+
+def _gather_rng(ctx: distributed.DistContext) -> list[dict]:
+    """Every rank's RNG states (rank order), so each rank resumes its own streams."""
+    mine = _rng_state()
+    if ctx.world_size == 1 or not torch.distributed.is_initialized():
+        return [mine]
+    out: list = [None] * ctx.world_size
+    torch.distributed.all_gather_object(out, mine)
+    return out
+
+
+def _not_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is not threading.main_thread()
+
+
