@@ -1,0 +1,288 @@
+"""CLIP training (stage ``clip``; unCLIP section 2 and stage 3 of the pipeline) with open_clip.
+
+open_clip supplies the model (``create_model_and_transforms``: the architecture as data, its own
+train and eval preprocessing), the tokenizer and the contrastive loss (``ClipLoss``, gathering
+features over processes with gradients, so N processes train exactly as one on the N-fold batch).
+The training rows are the split's pairs of every source, each sample drawn from the sources with
+equal probability whatever their sizes (``train.clip.source_weights`` to change it); the realised mix
+is counted and recorded. The shared trainer does the rest.
+
+After training, rank 0 evaluates the EMA weights on the held-out split (the same shard-hash split
+``retrain`` uses) and writes the release folder: ``<arch>.json`` (open_clip's model-config format)
+and ``open_clip_model.safetensors``, which plain open_clip loads::
+
+    open_clip.add_model_config(folder / f"{arch}.json")
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=folder / "open_clip_model.safetensors")
+
+Run under torchrun by ``retrain`` (``python -m unclip.train.clip --context C.json``), or in-process
+through ``train_clip``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from unclip import storage
+from unclip.config import ClipTrainConfig
+from unclip.data import clip as clip_data
+from unclip.data import pairs
+from unclip.train import distributed
+from unclip.train.trainer import Trainer, TrainResult
+
+GALLERY = 1000
+RECALL_AT = (1, 5, 10)
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+
+class ClipTask:
+    """The ``clip`` training task for the shared trainer."""
+
+    name = "clip"
+
+    def __init__(self, cfg: ClipTrainConfig, train_files: pa.Table) -> None:
+        self.cfg = cfg
+        self.train_files = train_files
+        self.counts: dict[str, int] = {}
+        self.positions: dict[int, int] = {}
+        self.consumed = 0
+        self.preprocess_train = self.preprocess_val = self.tokenizer = None
+        self.loss_fn: nn.Module | None = None
+
+    def model_config(self) -> dict:
+        import open_clip
+
+        clip_data.register_project_configs()
+        return {"arch": self.cfg.arch, "open_clip": open_clip.get_model_config(self.cfg.arch)}
+
+    def build_model(self, model_config: dict) -> nn.Module:
+        import open_clip
+
+        clip_data.register_project_configs()
+        pretrained = {"random": None, "pretrained": self.cfg.pretrained,
+                      "checkpoint": self.cfg.checkpoint}[self.cfg.init]
+        if pretrained and self.cfg.init == "checkpoint":
+            pretrained = clip_data._local_checkpoint(pretrained)
+        with clip_data._quiet_root_logger():
+            model, self.preprocess_train, self.preprocess_val = open_clip.create_model_and_transforms(
+                model_config["arch"], pretrained=pretrained)
+        self.tokenizer = open_clip.get_tokenizer(model_config["arch"])
+        return model
+
+    def batches(self, micro_batch: int, start: int, ctx: distributed.DistContext) -> Iterator[dict]:
+        import open_clip
+
+        self.loss_fn = open_clip.ClipLoss(local_loss=False, gather_with_grad=True, rank=ctx.rank,
+                                          world_size=ctx.world_size)
+        workers = self.cfg.num_workers
+        data = pairs.TrainPairs(self.train_files, preprocess=self.preprocess_train, tokenizer=self.tokenizer,
+                                batch_size=micro_batch, rank=ctx.rank, world_size=ctx.world_size,
+                                num_workers=workers, seed=self.cfg.seed, shuffle_buffer=self.cfg.shuffle_buffer,
+                                source_weights=self.cfg.source_weights, positions=self.positions,
+                                rotation=self.consumed % max(1, workers))
+        for batch in pairs.train_loader(data, workers):
+            self.positions[batch["worker"]] = batch["position"]
+            self.consumed += 1
+            yield batch
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        device = next(model.parameters()).device
+        out = model(batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True))
+        image_features, text_features, logit_scale = out[:3]
+        loss = self.loss_fn(image_features, text_features, logit_scale)
+        for s in batch["source"]:
+            self.counts[s] = self.counts.get(s, 0) + 1
+        return loss, {"logit_scale": float(logit_scale.detach())}
+
+    def state_dict(self) -> dict:
+        return {"counts": dict(self.counts), "positions": dict(self.positions), "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts = dict(state["counts"])
+        self.positions = {int(k): v for k, v in state["positions"].items()}
+        self.consumed = int(state["consumed"])
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+class RecallCounter:
+    """Image->text and text->image recall@k of paired embeddings, in galleries of ``gallery`` pairs
+    (a final partial gallery of at least 2 pairs counts too; chance is k / gallery size)."""
+
+    def __init__(self, gallery: int = GALLERY, ks: tuple[int, ...] = RECALL_AT) -> None:
+        self.gallery, self.ks = gallery, ks
+        self.hits = {f"{d}_recall@{k}": 0 for d in ("i2t", "t2i") for k in ks}
+        self.chance = {k: 0.0 for k in ks}
+        self.n = self.galleries = 0
+        self.score_sum = 0.0
+        self._img: list[np.ndarray] = []
+        self._txt: list[np.ndarray] = []
+
+    def add(self, img: np.ndarray, txt: np.ndarray) -> None:
+        self._img.append(np.asarray(img, np.float32))
+        self._txt.append(np.asarray(txt, np.float32))
+        held = sum(len(x) for x in self._img)
+        while held >= self.gallery:
+            img_all, txt_all = np.concatenate(self._img), np.concatenate(self._txt)
+            self._score(img_all[:self.gallery], txt_all[:self.gallery])
+            self._img, self._txt = [img_all[self.gallery:]], [txt_all[self.gallery:]]
+            held -= self.gallery
+
+    def _score(self, img: np.ndarray, txt: np.ndarray) -> None:
+        sims = img @ txt.T
+        for d, s in (("i2t", sims), ("t2i", sims.T)):
+            rank = (s > np.diag(s)[:, None]).sum(axis=1)  # candidates scoring strictly higher
+            for k in self.ks:
+                self.hits[f"{d}_recall@{k}"] += int((rank < k).sum())
+        for k in self.ks:
+            self.chance[k] += len(img) * min(1.0, k / len(img))
+        self.n += len(img)
+        self.galleries += 1
+        self.score_sum += float((img * txt).sum())
+
+    def result(self) -> dict[str, float]:
+        rest = sum(len(x) for x in self._img)
+        if rest >= 2 or (self.n == 0 and rest):
+            if rest < 2:
+                raise ValueError(f"{rest} held-out pair(s); recall needs at least 2")
+            self._score(np.concatenate(self._img), np.concatenate(self._txt))
+            self._img, self._txt = [], []
+        if self.n == 0:
+            raise ValueError("no held-out pairs to evaluate")
+        out = {k: v / self.n for k, v in self.hits.items()}
+        out.update({f"recall@{k}_chance": v / self.n for k, v in self.chance.items()})
+        out.update(heldout_pairs=self.n, gallery=min(self.gallery, self.n), galleries=self.galleries,
+                   mean_clip_score=self.score_sum / self.n)
+        return out
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, preprocess, tokenizer, eval_files: pa.Table, *, batch_size: int = 256,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """Held-out recall in galleries of 1,000 and, where the tars carry the demo's ``scene_json``,
+    zero-shot colour and shape accuracy against the generator's ground truth (with chance levels)."""
+    from unclip.data import demo_source
+
+    model = model.eval().to(device)
+    recall = RecallCounter()
+    prompts = [(c, s) for c in demo_source.COLOURS for s in demo_source.SHAPES]
+    prompt_emb = model.encode_text(tokenizer([f"a {c} {s}" for c, s in prompts]).to(device), normalize=True).float()
+    zs = {"colour": 0, "shape": 0, "colour_chance": 0.0, "shape_chance": 0.0, "n": 0}
+    for batch in torch.utils.data.DataLoader(pairs.HeldOutPairs(eval_files, preprocess=preprocess,
+                                                                tokenizer=tokenizer, batch_size=batch_size),
+                                             batch_size=None, num_workers=0):
+        img = model.encode_image(batch["image"].to(device), normalize=True).float()
+        txt = model.encode_text(batch["text"].to(device), normalize=True).float()
+        recall.add(img.cpu().numpy(), txt.cpu().numpy())
+        top = (img @ prompt_emb.T).argmax(dim=1).tolist()
+        for t, meta in zip(top, batch["meta"]):
+            scene = meta.get("scene_json")
+            if not scene:
+                continue
+            objects = json.loads(scene)["objects"] if isinstance(scene, str) else scene["objects"]
+            colours, shapes = {o["colour"] for o in objects}, {o["shape"] for o in objects}
+            zs["colour"] += prompts[t][0] in colours
+            zs["shape"] += prompts[t][1] in shapes
+            zs["colour_chance"] += len(colours) / len(demo_source.COLOURS)
+            zs["shape_chance"] += len(shapes) / len(demo_source.SHAPES)
+            zs["n"] += 1
+    out = recall.result()
+    if zs["n"]:
+        out.update(zeroshot_colour_acc=zs["colour"] / zs["n"], zeroshot_colour_chance=zs["colour_chance"] / zs["n"],
+                   zeroshot_shape_acc=zs["shape"] / zs["n"], zeroshot_shape_chance=zs["shape_chance"] / zs["n"],
+                   zeroshot_images=zs["n"])
+    return out
+
+
+# -- release ----------------------------------------------------------------------------------------
+def write_release(model: nn.Module, model_config: dict, folder: str) -> dict:
+    """The folder plain open_clip loads: ``<arch>.json`` and ``open_clip_model.safetensors``."""
+    from safetensors.torch import save
+
+    arch = model_config["arch"]
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = save(state, metadata={"arch": arch, "format": "open_clip"})
+    weights_uri = storage.write_bytes(storage.join(folder, WEIGHTS_FILE), data)
+    storage.write_json(storage.join(folder, f"{arch}.json"), model_config["open_clip"])
+    return {"uri": folder, "weights": weights_uri, "arch": arch, "weights_sha256": hashlib.sha256(data).hexdigest(),
+            "parameters": sum(v.numel() for v in state.values())}
+
+
+@dataclass
+class ClipRun:
+    result: TrainResult
+    release: dict
+    metrics: dict[str, Any]
+
+
+def train_clip(cfg: ClipTrainConfig, train_files: pa.Table, eval_files: pa.Table, out_dir: str, *,
+               lineage: dict | None = None, strategy: str = "ddp", ctx: distributed.DistContext | None = None,
+               on_progress=None) -> ClipRun | None:
+    """Train, then (rank 0) evaluate the released weights and write the release folder."""
+    task = ClipTask(cfg, train_files)
+    trainer = Trainer(task, cfg, out_dir, lineage=lineage, strategy=strategy, ctx=ctx, on_progress=on_progress)
+    result = trainer.run()
+    if not trainer.main:
+        return None
+    from unclip.train.trainer import load_checkpoint
+
+    state = load_checkpoint(result.checkpoint)
+    model = task.build_model(state["model_config"])
+    if state.get("ema") is not None:  # the EMA's weights are released (AveragedModel keys: module.*)
+        model.load_state_dict({k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")})
+    else:
+        model.load_state_dict(state["model"])
+    metrics: dict[str, Any] = {}
+    if eval_files.num_rows:
+        metrics.update(evaluate(model, task.preprocess_val, task.tokenizer, eval_files, device=trainer.ctx.device))
+    seen = sum(task.counts.values())
+    metrics.update({f"mix/{s}": n / seen for s, n in sorted(task.counts.items())} if seen else {})
+    metrics.update(steps=result.step, samples_seen=seen)
+    release = write_release(model, state["model_config"], storage.join(out_dir, "model"))
+    storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
+    return ClipRun(result, release, metrics)
+
+
+def main() -> None:
+    """``torchrun ... -m unclip.train.clip --run-dir D --stage clip --context C.json``: writes
+    ``D/clip/result.json`` ({"outputs", "metrics", "model"}) from rank 0."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    @record
+    def run() -> None:
+        ap = argparse.ArgumentParser(description="Train CLIP (stage clip) under torchrun.")
+        ap.add_argument("--run-dir", required=True)
+        ap.add_argument("--stage", default="clip")
+        ap.add_argument("--context", required=True)
+        a = ap.parse_args()
+        ctx_json = storage.read_json(a.context)
+        from unclip.config import RunConfig
+
+        config = RunConfig.model_validate(ctx_json["config"])
+        out = storage.join(a.run_dir, a.stage)
+        dist = distributed.init(config.train.launch.backend)
+        try:
+            done = train_clip(config.train.clip, storage.read_parquet(ctx_json["train_files"]),
+                              storage.read_parquet(ctx_json["eval_files"]), out, lineage=ctx_json.get("lineage"),
+                              strategy=config.train.launch.strategy, ctx=dist)
+            if done is not None:
+                storage.write_json(storage.join(out, "result.json"), {
+                    "outputs": {"model": done.release["uri"], "checkpoint": done.result.checkpoint,
+                                "tensorboard": storage.join(out, "tensorboard")},
+                    "metrics": done.metrics, "model": {"kind": "clip", **done.release,
+                                                       "resumed_from": done.result.resumed_from}})
+        finally:
+            distributed.cleanup()
+
+    run()
+
+
+if __name__ == "__main__":
+    main()
