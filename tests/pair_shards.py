@@ -47,3 +47,20 @@ def make_pair_shards(root: Path, per_source: dict[str, int], samples_per_shard: 
             rows.append({"source": source, "shard": shard, "tar": str(tar), "rows": len(keys),
                          "digest": f"d{shard_i}", "kept": str(kept)})
     return pa.Table.from_pylist(rows)
+
+
+def publish_pairs_release(workdir: Path, config, per_source: dict[str, int], samples_per_shard: int = 16,
+                          seed: int = 0) -> dict:
+    """A released dataset version of ``make_pair_shards``' rows in ``workdir``'s catalog (the kept
+    tables stand in for the final embeddings: training reads only key, caption, tar)."""
+    from unclip import catalog, manifest, storage
+
+    files = make_pair_shards(workdir, per_source, samples_per_shard, seed)
+    index = files.append_column("source_rank", pa.array([0] * files.num_rows, pa.int32()))
+    index_uri = storage.write_parquet(str(workdir / "index" / "embeddings.parquet"), index)
+    version = manifest.dataset_version(files.select(["shard", "digest"]))
+    rows = int(sum(files.column("rows").to_pylist()))
+    manifest.record_stage(str(workdir), "semantic_filter", {
+        "rows_in": rows, "rows_kept": rows, "drops_by_reason": {}, "dataset_version": version,
+        "outputs": {"shard_index": index_uri}})
+    return catalog.publish_dataset(str(workdir / "catalog"), str(workdir), {}, config)

@@ -76,7 +76,7 @@ def test_training_reduces_loss_and_clips(tmp_path):
     ck = tr.load_checkpoint(res.checkpoint)
     assert ck["step"] == 40 and ck["stage"] == "toy" and ck["model_config"]["hidden"] == 8
     assert set(ck) >= {"model", "ema", "optimizer", "rng", "data_position", "train_config", "lineage", "task_state"}
-    assert ck["task_state"]["seen"] == 40 * 8
+    assert ck["task_state"] == [{"seen": 40 * 8}]
     assert ck["data_position"]["micro_batches"] == 40
     # real TensorBoard event files with the scalars
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -3,8 +3,9 @@
 Layout under the catalog URI (``catalog.uri``, default ``<workdir>/catalog``)::
 
     datasets/<name>/v000001-ds-<hash>.json          one release: lineage of every stage, counts, PCA, code
-    datasets/<name>/v000001-ds-<hash>.files.parquet its kept files: source, shard, rows, digest, kept URI
+    datasets/<name>/v000001-ds-<hash>.files.parquet its kept files: source, shard, rows, digest, kept URI, tar
     runs/<run id>.json                       one training/evaluation run and its lineage
+    models/<kind>/m000001-<version>.json     one released model: folder URI, weights sha256, lineage
     refreshes/<time>-<flow run>.json         each refresh: when it held the lock, what it published
 
 A release is published only after every stage of a refresh finished and accounted for its rows, and
@@ -32,7 +33,8 @@ from unclip import manifest, storage
 from unclip.config import RunConfig
 
 _RELEASE = re.compile(r"^v(\d{6})-(ds-[0-9a-f]+)\.json$")
-FILES_COLUMNS = ["source", "shard", "rows", "digest", "kept"]
+# per kept shard: where its embeddings (``kept``) and its images (``tar``, keyed by each row's ``key``) are
+FILES_COLUMNS = ["source", "shard", "rows", "digest", "kept", "tar"]
 
 
 class CatalogError(LookupError):
@@ -92,8 +94,14 @@ def resolve(catalog: str, name: str, version: str = "latest") -> dict:
 
 
 def kept_files(release: dict) -> pa.Table:
-    """The release's kept embeddings files (``FILES_COLUMNS``); shards without kept rows left out."""
-    return storage.read_parquet(release["files"])
+    """The release's kept files (``FILES_COLUMNS``); shards without kept rows left out. A release
+    written before file lists carried ``tar`` gets it from the shard name (``<workdir>/<shard>.tar``,
+    where ingest writes it)."""
+    files = storage.read_parquet(release["files"])
+    if "tar" not in files.column_names:
+        tars = [storage.join(release["workdir"], f"{s}.tar") for s in files.column("shard").to_pylist()]
+        files = files.append_column("tar", pa.array(tars, pa.string()))
+    return files
 
 
 def publish_dataset(catalog: str, workdir: str, records: dict[str, dict], config: RunConfig,
@@ -124,6 +132,8 @@ def publish_dataset(catalog: str, workdir: str, records: dict[str, dict], config
         "created_at": _now(), "workdir": workdir, "files": files_uri, "rows": int(final["rows_kept"]),
         "shards": files.num_rows, "previous": previous["version"] if previous else None,
         "pca_version": (pca_rec or {}).get("pca_version"), "pca": ((pca_rec or {}).get("outputs") or {}).get("pca"),
+        # the CLIP model version the embeddings come from, when it came from the catalog
+        "clip_model_version": ((stages.get("embed") or {}).get("metrics") or {}).get("model_version"),
         "code_version": manifest.code_version(), "flow_run": flow_run or {},
         "stages": {s: {k: r.get(k) for k in ("rows_in", "rows_kept", "drops_by_reason", "dataset_version",
                                              "metrics", "code_version", "finished_at")}
@@ -148,7 +158,7 @@ def gc(catalog: str, workdir: str, name: str, keep_versions: int, orphan_grace_s
     refreshes) is removed too. Returns the removed URIs."""
     found = datasets(catalog, name)
     keep = set()
-    busy = {r["dataset_version"] for r in runs(catalog) if r.get("state", "").startswith(("running", "starting"))}
+    busy = {r["dataset_version"] for r in runs(catalog) if run_is_live(r)}
     for r in found[-keep_versions:] + [r for r in found if r["version"] in busy and not r.get("collected_at")]:
         keep.update(kept_files(r).column("kept").to_pylist())
     current = storage.join(workdir, "index", "embeddings.parquet")
@@ -184,9 +194,77 @@ def refreshes(catalog: str) -> list[dict]:
                   key=lambda e: e["held_from"])
 
 
+# -- model versions -----------------------------------------------------------------------------------
+_MODEL = re.compile(r"^m(\d{6})-(.+)\.json$")
+
+
+def publish_model(catalog: str, record: dict) -> dict:
+    """Release a trained model as a version of its ``kind`` (clip, prior_diffusion, ...).
+
+    ``record`` holds at least ``kind``, ``uri`` (the release folder), ``weights_sha256``, ``run_id``,
+    ``dataset_version``, ``code_version``, ``metrics``; the version id is ``<kind>-<sha256[:12]>``, so
+    the same weights published twice (a finished run resumed) give the same version, written once.
+    """
+    kind = record["kind"]
+    version = f"{kind}-{record['weights_sha256'][:12]}"
+    found = models(catalog, kind)
+    for r in found:
+        if r["version"] == version:
+            return {**r, "new": False}
+    seq = found[-1]["seq"] + 1 if found else 1
+    out = {"version": version, "seq": seq, "created_at": _now(), **record}
+    storage.write_json(storage.join(catalog, "models", kind, f"m{seq:06d}-{version}.json"), out, sort_keys=False)
+    return {**out, "new": True}
+
+
+def models(catalog: str, kind: str | None = None) -> list[dict]:
+    """Released model versions of ``kind`` (every kind when None), oldest first within a kind."""
+    root = storage.join(catalog, "models")
+    if not storage.exists(root):
+        return []
+    kinds = [kind] if kind else sorted(u.rsplit("/", 1)[-1] for u in storage.listdir(root))
+    found = []
+    for k in kinds:
+        folder = storage.join(root, k)
+        if storage.exists(folder):
+            names = sorted(u.rsplit("/", 1)[-1] for u in storage.listdir(folder))
+            found += [storage.read_json(storage.join(folder, n)) for n in names if _MODEL.match(n)]
+    return found
+
+
+def resolve_model(catalog: str, ref: str) -> dict:
+    """A model version by reference: ``<kind>@latest``, ``<kind>@<version>`` or a bare version id."""
+    kind, _, which = ref.partition("@") if "@" in ref else (ref.split("-", 1)[0], "@", ref)
+    found = models(catalog, kind)
+    if not found:
+        raise CatalogError(f"no {kind!r} model in {catalog} yet: train one with `unclip retrain --stages {kind}`")
+    if which in ("latest", ""):
+        return found[-1]
+    for r in reversed(found):
+        if which in (r["version"], f"m{r['seq']:06d}"):
+            return r
+    known = ", ".join(r["version"] for r in found[-5:])
+    raise CatalogError(f"{kind!r} has no model version {which!r} in {catalog} (latest: {known})")
+
+
 # -- runs ---------------------------------------------------------------------------------------------
 def run_uri(catalog: str, run_id: str) -> str:
     return storage.join(catalog, "runs", f"{run_id}.json")
+
+
+# A run in progress refreshes ``updated_at`` at least this often (the trainer's progress polls do);
+# a "running" record older than the lease is a killed run and no longer pins its dataset version.
+RUN_LEASE_S = 3600.0
+
+
+def run_is_live(run: dict, lease_s: float = RUN_LEASE_S) -> bool:
+    if not run.get("state", "").startswith(("running", "starting")):
+        return False
+    updated = run.get("updated_at") or run.get("started_at")
+    if not updated:
+        return False
+    age = dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(updated)
+    return age.total_seconds() < lease_s
 
 
 def save_run(catalog: str, run: dict[str, Any]) -> dict:

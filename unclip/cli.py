@@ -7,7 +7,13 @@
   ``unclip server`` (started in the background if none is running) and prints where to look.
 - ``unclip server`` runs a local Prefect server (database under the workdir), the work pool, the
   project's deployments and a worker, until Ctrl-C.
-- ``unclip datasets`` and ``unclip runs`` list the catalog: dataset versions, training runs, lineage.
+- ``unclip retrain`` runs the training and evaluation stages on a dataset version (the CLI twin of
+  the ``retrain`` deployment) and prints the run id; ``--resume RUN_ID`` continues a run.
+- ``unclip datasets``, ``unclip runs`` and ``unclip models`` list the catalog: dataset versions,
+  training runs and released model versions, with their lineage.
+
+``--set KEY=VALUE`` (repeatable) overrides any config field by its dotted path, e.g.
+``--set train.clip.steps=200``; the value is parsed as YAML (numbers, booleans, null, lists).
 """
 
 from __future__ import annotations
@@ -38,10 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unclip", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
+    def settable(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field by its dotted path (repeatable), e.g. train.clip.steps=200")
+
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--workdir", required=True, help="where every output goes (a path or fsspec URI)")
         sp.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
         sp.add_argument("--verbose", action="store_true", help="also print Prefect's log lines")
+        settable(sp)
 
     d = sub.add_parser("demo", help="run the pipeline on the built-in procedural demo data")
     common(d)
@@ -66,7 +77,21 @@ def _parser() -> argparse.ArgumentParser:
                     "need PREFECT_API_AUTH_STRING)")
     sv.add_argument("--stop", action="store_true", help="stop a server this workdir started in the background")
 
-    for name, what in (("datasets", "dataset versions in the catalog"), ("runs", "training runs and their lineage")):
+    from unclip.train import stages as train_stages
+
+    rt = sub.add_parser("retrain", help="train and evaluate on a dataset version; prints the run id")
+    rt.add_argument("--workdir", required=True, help="the dataset's working directory (its catalog)")
+    rt.add_argument("--config", default=str(DEMO_CONFIG), help="run config YAML (default configs/demo.yaml)")
+    rt.add_argument("--dataset-version", default="latest", help="'latest', a release (v000003) or ds-...")
+    rt.add_argument("--stages", default=None,
+                    help=f"comma-separated, from: {', '.join(train_stages.names())} (default: all)")
+    rt.add_argument("--resume", default=None, metavar="RUN_ID", help="continue this run (other options ignored)")
+    rt.add_argument("--name", default=None, help="a label for the run")
+    rt.add_argument("--verbose", action="store_true", help="also print Prefect's log lines")
+    settable(rt)
+
+    for name, what in (("datasets", "dataset versions in the catalog"), ("runs", "training runs and their lineage"),
+                       ("models", "released model versions")):
         c = sub.add_parser(name, help=f"list the {what}")
         c.add_argument("--workdir", required=True)
         c.add_argument("--catalog", default=None, help="catalog URI (default: where WORKDIR publishes)")
@@ -79,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_environment(getattr(args, "verbose", False))
     if args.command == "server":
         return serve(args)
-    if args.command in ("datasets", "runs"):
+    if args.command in ("datasets", "runs", "models"):
         return list_catalog(args)
+    if args.command == "retrain":
+        return retrain(args)
 
     from unclip import preflight, storage
     from unclip.config import ConfigError, load_config, stages_until
@@ -88,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = storage.absolute(args.workdir)
     try:
         preflight.check_environment()
-        config = load_config(args.config, variables={"workdir": workdir})
+        config = load_config(args.config, parse_sets(args.sets), variables={"workdir": workdir})
         stages = stages_until(args.until)
         if args.command == "data":
             preflight.check_config(config, stages)
@@ -120,6 +147,69 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(records, workdir, config, time.monotonic() - start))
     if ui is not None:
         print(f"\nPrefect UI: {ui} (flow runs, artifacts, logs)")
+    return 0
+
+
+def parse_sets(sets: list[str]) -> dict:
+    """``["train.clip.steps=200", ...]`` as nested overrides; values parsed as YAML scalars/lists."""
+    import yaml
+
+    from unclip.config import ConfigError, deep_merge
+
+    out: dict = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or any(not p for p in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. train.clip.steps=200")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {err}") from None
+        for part in reversed(key.strip().split(".")):
+            parsed = {part: parsed}
+        out = deep_merge(out, parsed)
+    return out
+
+
+def retrain(args) -> int:
+    """``unclip retrain``: the retrain flow in-process; prints the run id and its metrics."""
+    from unclip import storage
+    from unclip.config import ConfigError, load_config, resolve_config_path
+    from unclip.train import stages as train_stages
+
+    workdir = storage.absolute(args.workdir)
+    try:
+        overrides = parse_sets(args.sets)
+        chosen = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else train_stages.names()
+        unknown = [s for s in chosen if s not in train_stages.REGISTRY]
+        if unknown:
+            raise ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {', '.join(train_stages.names())}")
+        if not args.resume:  # a wrong config or override fails here, before any work
+            load_config(resolve_config_path(args.config), overrides, variables={"workdir": workdir})
+    except ConfigError as err:
+        print(f"unclip: error: {err}", file=sys.stderr)
+        return 2
+    from unclip.flows.retrain import RetrainParams, retrain as retrain_flow
+
+    params = RetrainParams(config=args.config, workdir=workdir, dataset_version=args.dataset_version,
+                           stages=chosen, overrides=overrides, run_name=args.name, resume=args.resume)
+    start = time.monotonic()
+    try:
+        run = retrain_flow(params)
+    except Exception as err:
+        if args.verbose:
+            raise
+        print(f"unclip: error: the run failed after {time.monotonic() - start:.0f} s: {type(err).__name__}: {err}\n"
+              "Its record and stage folders are kept; `unclip retrain --workdir ... --resume RUN_ID` continues it "
+              "(`unclip runs` lists the run ids).", file=sys.stderr)
+        return 1
+    print(f"run {run['run_id']}: {run['state']} in {time.monotonic() - start:.0f} s on {run['release']} "
+          f"{run['dataset_version']}; folder {run['run_dir']}")
+    for name, version in run.get("models", {}).items():
+        print(f"  model {name}: {version}")
+    for k, v in sorted(run.get("metrics", {}).items()):
+        print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+    print(run["run_id"])
     return 0
 
 
@@ -185,7 +275,7 @@ def list_catalog(args) -> int:
     from unclip import catalog, storage
 
     where = args.catalog or catalog.locate(storage.absolute(args.workdir))[0]
-    rows = catalog.datasets(where) if args.command == "datasets" else catalog.runs(where)
+    rows = {"datasets": catalog.datasets, "runs": catalog.runs, "models": catalog.models}[args.command](where)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -198,6 +288,14 @@ def list_catalog(args) -> int:
         for r in rows:
             print(f"{r['name']:<12}{r['release']:<9}{r['version']:<21}{r['created_at']:<27}{r['rows']:>10,}{r['shards']:>8,}  "
                   f"{str(r.get('pca_version')):<17}{r['code_version']:<28}{r.get('previous') or '-'}")
+    elif args.command == "models":
+        head = f"{'kind':<16}{'version':<30}{'created':<27}{'run':<30}{'dataset':<21}{'code':<28}key metrics"
+        print(head + "\n" + "-" * len(head))
+        for r in rows:
+            key = {k: v for k, v in r.get("metrics", {}).items() if k in MODEL_KEY_METRICS}
+            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in key.items())
+            print(f"{r['kind']:<16}{r['version']:<30}{r['created_at']:<27}{r['run_id']:<30}{r['dataset_version']:<21}"
+                  f"{r['code_version']:<28}{shown or '-'}")
     else:
         head = f"{'run':<30}{'state':<12}{'dataset':<29}{'pca':<17}{'code':<28}key metrics"
         print(head + "\n" + "-" * len(head))
@@ -209,7 +307,8 @@ def list_catalog(args) -> int:
     return 0
 
 
-KEY_METRICS = ("heldout_relative_mse_pca_quantised", "image_to_text_recall@5", "text_to_image_recall@5",
+MODEL_KEY_METRICS = ("t2i_recall@5", "i2t_recall@5", "zeroshot_colour_acc", "zeroshot_shape_acc")
+KEY_METRICS = ("heldout_relative_mse_pca_quantised", "t2i_recall@5", "zeroshot_colour_acc", "image_to_text_recall@5", "text_to_image_recall@5",
                "explained_variance_ratio_kept")
 
 

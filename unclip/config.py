@@ -149,18 +149,29 @@ class BasicFilterConfig(_Strict):
 
 
 class ClipModelConfig(_Strict):
-    """Which open_clip model embeds: an architecture name plus exactly one weight source."""
+    """Which open_clip model embeds: an architecture name plus exactly one weight source, or a model
+    version from the catalog (which knows its architecture)."""
 
-    arch: str = Field(description="An open_clip architecture name, including the project's registered ones.")
+    arch: str | None = Field(None, description="An open_clip architecture name, including the project's "
+                             "registered ones (not with `catalog`).")
     pretrained: str | None = Field(None, description="open_clip pretrained tag (needs a reachable hub).")
     checkpoint: str | None = Field(None, description="Path or URI of a local open_clip checkpoint.")
     seed: int | None = Field(None, description="Seeded random initialisation (no weights).")
+    catalog: str | None = Field(None, description="A CLIP model version in the catalog: 'clip@latest', "
+                                "'clip@<version>' or a version id (see `unclip models`).")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ClipModelConfig":
-        given = [k for k in ("pretrained", "checkpoint", "seed") if getattr(self, k) is not None]
+        given = [k for k in ("pretrained", "checkpoint", "seed", "catalog") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"set exactly one of pretrained, checkpoint, seed (got {given or 'none'})")
+            raise ValueError(f"set exactly one of pretrained, checkpoint, seed, catalog (got {given or 'none'})")
+        if self.catalog is not None:
+            if self.arch is not None:
+                raise ValueError("arch comes from the catalog's model version: leave it out with `catalog`")
+            if not re.match(r"^[a-z0-9_]+(@[A-Za-z0-9_.-]+)?$|^[a-z0-9_]+-[0-9a-f]+$", self.catalog):
+                raise ValueError("catalog: expected 'clip@latest', 'clip@<version>' or a version id")
+        elif self.arch is None:
+            raise ValueError("arch is required (unless the model comes from the catalog)")
         return self
 
     @property
@@ -169,6 +180,8 @@ class ClipModelConfig(_Strict):
             return f"pretrained:{self.pretrained}"
         if self.checkpoint is not None:
             return f"checkpoint:{self.checkpoint}"
+        if self.catalog is not None:
+            return f"catalog:{self.catalog}"
         return f"random-init:seed={self.seed}"
 
 

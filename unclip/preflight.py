@@ -52,7 +52,7 @@ def check_config(config: RunConfig, stages: tuple[str, ...]) -> None:
         from unclip.data.clip import known_architectures
 
         model = config.embed.model
-        if model.arch not in known_architectures():
+        if model.catalog is None and model.arch not in known_architectures():
             raise ConfigError(f"embed.model.arch: unknown open_clip architecture {model.arch!r}")
         if model.checkpoint is not None and storage.is_local(model.checkpoint) and not storage.exists(model.checkpoint):
             raise ConfigError(f"embed.model.checkpoint: file not found: {model.checkpoint}")

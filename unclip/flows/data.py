@@ -20,8 +20,8 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed, wait
 
-from unclip import locks, manifest, runners, storage
-from unclip.config import STAGES, RunConfig, stages_until
+from unclip import catalog, locks, manifest, runners, storage
+from unclip.config import STAGES, ClipModelConfig, EmbedConfig, RunConfig, stages_until
 from unclip.tasks import embed as embed_tasks
 from unclip.tasks import filter as filter_tasks
 from unclip.tasks import ingest as ingest_tasks
@@ -195,10 +195,23 @@ def basic_filter_flow(config: RunConfig, workdir: str) -> dict:
     })
 
 
+def _resolve_embed_model(config: RunConfig, workdir: str) -> tuple[EmbedConfig, str | None]:
+    """``embed.model: {catalog: clip@latest}`` made concrete: the model version's architecture and
+    released weights (so the embed digest follows the weights), and the version id for the lineage."""
+    cfg = config.embed
+    if cfg.model.catalog is None:
+        return cfg, None
+    model = catalog.resolve_model(catalog.catalog_uri(config, workdir), cfg.model.catalog)
+    if model["kind"] != "clip":
+        raise catalog.CatalogError(f"embed.model.catalog: {cfg.model.catalog} is a {model['kind']} model, not clip")
+    concrete = ClipModelConfig(arch=model["arch"], checkpoint=model["weights"])
+    return cfg.model_copy(update={"model": concrete}), model["version"]
+
+
 @flow(name="embed", flow_run_name=run_name("embed"))
 def embed_flow(config: RunConfig, workdir: str) -> dict:
     """open_clip image and text embeddings of every row the basic filter kept, one Parquet per shard."""
-    cfg = config.embed
+    cfg, model_version = _resolve_embed_model(config, workdir)
     filtered = manifest.stage(workdir, "basic_filter")
     shards = _read_index(filtered["outputs"]["shard_index"])
     batches = list(batched(shards, cfg.shards_per_task))
@@ -223,7 +236,7 @@ def embed_flow(config: RunConfig, workdir: str) -> dict:
         "outputs": {"shard_index": index_uri, "embeddings": storage.join(workdir, "embed", "candidates"),
                     "drops": storage.join(workdir, "drops", "embed")},
         "metrics": {"model": cfg.model.arch, "weights": cfg.model.weights, "model_identity": model_id,
-                    "dtype": cfg.dtype,
+                    "dtype": cfg.dtype, "model_version": model_version,
                     "random_init": cfg.model.seed is not None},
         "config": {"embed": cfg.model_dump(mode="json")},
     })

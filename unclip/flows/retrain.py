@@ -5,9 +5,13 @@ training and held-out ones, and runs the chosen training and evaluation stages i
 task (training stages that need GPUs carry the ``gpu`` concurrency tag and run under torchrun). The
 run, its lineage (dataset version, PCA version, code version, config) and every stage's metrics are
 recorded in the catalog (``catalog/runs/<run id>.json``) as each stage finishes, so a failed run
-shows how far it got. ``evaluate`` runs the evaluation stages again on a named run.
+shows how far it got. A training stage that produces a model publishes it as a model version in the
+catalog (``unclip models``). ``resume`` continues a run: the stages it finished are skipped and the
+one it was in continues from its last checkpoint (the trainer finds it in the stage's folder).
+``evaluate`` runs the evaluation stages again on a named run.
 
-The parameters are pydantic models: the Prefect UI shows them as a form.
+The parameters are pydantic models: the Prefect UI shows them as a form, with each training
+stage's main settings (steps, batch size, learning rate, checkpoint interval, seed) as typed fields.
 """
 
 from __future__ import annotations
@@ -22,13 +26,28 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from unclip import catalog, locks, manifest, storage
-from unclip.config import RunConfig, load_config, resolve_config_path
-from unclip.tasks.common import publish_markdown
+from unclip.config import RunConfig, deep_merge, load_config, resolve_config_path
+from unclip.tasks.common import Progress, publish_markdown
 from unclip.train import distributed, stages
 
 # the registered stages at import time: a training issue's `stages.register` extends the form
 StageName = Literal[tuple(stages.names())]  # type: ignore[valid-type]
 EvalName = Literal[tuple(stages.names("eval"))]  # type: ignore[valid-type]
+
+
+class StageSettings(BaseModel):
+    """A training stage's main settings; a field left empty keeps the config's ``train.<stage>`` value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int | None = Field(None, ge=1, description="Optimiser steps.")
+    batch_size: int | None = Field(None, ge=1, description="Global batch (samples per optimiser step).")
+    lr: float | None = Field(None, gt=0.0, le=1.0, description="Peak learning rate.")
+    checkpoint_every: int | None = Field(None, ge=1, description="Steps between checkpoints.")
+    seed: int | None = Field(None, description="Seed of the initialisation, data order and augmentation.")
+
+    def as_overrides(self) -> dict:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
 class RetrainParams(BaseModel):
@@ -41,8 +60,20 @@ class RetrainParams(BaseModel):
     dataset_version: str = Field("latest", description="'latest', a release name (v000003) or a version (ds-...).")
     stages: list[StageName] = Field(default_factory=lambda: list(stages.names()),
                                     description="Stages to run, in pipeline order.")
+    clip: StageSettings = Field(default_factory=StageSettings, description="Stage `clip`: CLIP training.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Nested config values to override.")
     run_name: str | None = Field(None, description="A label for the run (its id is generated).")
+    resume: str | None = Field(None, description="A run id to continue: its finished stages are skipped, the "
+                               "stage it was in resumes from its last checkpoint (other fields are then ignored).")
+
+    def config_overrides(self) -> dict:
+        """``overrides`` with the typed stage settings on top (``train.<stage>``)."""
+        typed = {name: getattr(self, name).as_overrides() for name in TRAIN_STAGE_FIELDS}
+        typed = {k: v for k, v in typed.items() if v}
+        return deep_merge(self.overrides, {"train": typed}) if typed else dict(self.overrides)
+
+
+TRAIN_STAGE_FIELDS = ("clip",)
 
 
 class EvaluateParams(BaseModel):
@@ -63,11 +94,16 @@ def _params() -> dict:
 
 def _retrain_name() -> str:
     p = _params()
+    if p.get("resume"):
+        return f"retrain: resume {p['resume']}"
     return f"retrain: {','.join(p.get('stages') or stages.names())} on {p.get('dataset_version', 'latest')}"
 
 
 def _evaluate_name() -> str:
     return f"evaluate: {_params().get('run_id', '?')}"
+
+
+HEARTBEAT_S = 60.0
 
 
 @task(name="run-stage", task_run_name="{name}: {run_id}", cache_policy=NO_CACHE)
@@ -77,34 +113,86 @@ def run_stage(name: str, run_id: str, ctx: stages.StageContext) -> dict:
         return stage.run(ctx)
     # a distributed stage: torchrun with train.launch; the module writes <run_dir>/<stage>/result.json
     out = storage.join(ctx.run_dir, name)
-    distributed.launch(ctx.config.train.launch, stage.module,
-                       ["--run-dir", ctx.run_dir, "--stage", name, "--context", _context_file(ctx, out)],
-                       log_path=storage.join(out, "torchrun.log"))
+    steps = getattr(ctx.config.train, name).steps if hasattr(ctx.config.train, name) else 1
+    with Progress(f"train-{name}", steps, f"{name}: training", unit="step") as progress:
+        watch = _Watcher(out, progress, ctx)
+        distributed.launch(ctx.config.train.launch, stage.module,
+                           ["--run-dir", ctx.run_dir, "--stage", name, "--context", _context_file(ctx, out)],
+                           log_path=storage.join(out, "torchrun.log"), on_wait=watch)
+        watch()
     return storage.read_json(storage.join(out, "result.json"))
 
 
+class _Watcher:
+    """While torchrun runs: the trainer's progress.json into the progress artifact and the terminal
+    bar, and a heartbeat on the run's catalog record (a run that stops beating no longer pins its
+    dataset version against gc)."""
+
+    def __init__(self, out: str, progress: Progress, ctx: stages.StageContext) -> None:
+        self.uri, self.progress, self.ctx = storage.join(out, "progress.json"), progress, ctx
+        self.beat = 0.0
+
+    def __call__(self) -> None:
+        import time
+
+        if storage.exists(self.uri):
+            try:
+                step = int(storage.read_json(self.uri)["step"])
+            except (ValueError, KeyError):  # being replaced: read it next time
+                step = self.progress.done
+            if step > self.progress.done:
+                self.progress.advance(step - self.progress.done)
+        if self.ctx.catalog and time.monotonic() - self.beat >= HEARTBEAT_S:
+            self.beat = time.monotonic()
+            run = catalog.get_run(self.ctx.catalog, self.ctx.run_id)
+            catalog.save_run(self.ctx.catalog, run)
+
+
 def _context_file(ctx: stages.StageContext, out: str) -> str:
+    """Everything a torchrun rank needs, in files: the config, the split's file lists, the lineage."""
+    train_uri = storage.write_parquet(storage.join(out, "train_files.parquet"), ctx.train_files)
+    eval_uri = storage.write_parquet(storage.join(out, "eval_files.parquet"), ctx.eval_files)
     uri = storage.join(out, "context.json")
     storage.write_json(uri, {"run_id": ctx.run_id, "run_dir": ctx.run_dir, "release": ctx.release["release"],
-                             "config": ctx.config.model_dump(mode="json"), "previous": ctx.previous})
+                             "dataset_version": ctx.release["version"], "catalog": ctx.catalog,
+                             "config": ctx.config.model_dump(mode="json"), "previous": ctx.previous,
+                             "train_files": train_uri, "eval_files": eval_uri, "lineage": ctx.lineage})
     return uri
 
 
-def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], where: str, workdir: str) -> dict:
+def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], where: str, workdir: str,
+                skip_finished: bool = False) -> dict:
     log = get_run_logger()
     # the split is the run's: evaluate reuses the fraction retrain held out, whatever its config says
     run.setdefault("eval_fraction", cfg.train.eval_fraction)
     train, held = stages.split_files(catalog.kept_files(release), run["eval_fraction"])
     ctx = stages.StageContext(run["run_id"], run["run_dir"], cfg, release, train, held,
-                              previous=dict(run.get("stages", {})))
+                              previous=dict(run.get("stages", {})), catalog=where,
+                              lineage={"run_id": run["run_id"], "dataset_version": release["version"],
+                                       "release": release["release"], "pca_version": run.get("pca_version"),
+                                       "code_version": run.get("code_version")})
     if any(stages.REGISTRY[n].gpu for n in names):
         locks.ensure_gpu_limit()
     for name in sorted(names, key=list(stages.REGISTRY).index):
         stage = stages.REGISTRY[name]
+        if skip_finished and name in run.get("stages", {}):
+            log.info("%s: finished in this run before, skipped", name)
+            continue
         runner = run_stage.with_options(tags=[locks.GPU_TAG] if stage.gpu else [])
         run["state"] = f"running {name}"
         catalog.save_run(where, run)
         result = runner(name, run["run_id"], ctx)
+        if result.get("model"):
+            model = catalog.publish_model(where, {
+                **result["model"], "run_id": run["run_id"], "stage": name,
+                "dataset_version": release["version"], "release": release["release"],
+                "pca_version": run.get("pca_version"), "code_version": run.get("code_version"),
+                "config": getattr(cfg.train, name).model_dump(mode="json") if hasattr(cfg.train, name) else {},
+                "metrics": {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float, str, bool))}})
+            result["outputs"]["model_version"] = model["version"]
+            run.setdefault("models", {})[name] = model["version"]
+            log.info("%s: published model version %s%s", name, model["version"], "" if model["new"] else
+                     " (already in the catalog)")
         ctx.previous[name] = result
         run.setdefault("stages", {})[name] = {"kind": stage.kind, **result,
                                               "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()}
@@ -118,10 +206,10 @@ def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], wher
 
 
 def _run_and_publish(run: dict, cfg: RunConfig, release: dict, names: list[str], where: str, workdir: str,
-                     failure: str) -> dict:
+                     failure: str, skip_finished: bool = False) -> dict:
     """Run the stages; a failure is recorded in the run's catalog entry before it propagates."""
     try:
-        run = _run_stages(run, cfg, release, names, where, workdir)
+        run = _run_stages(run, cfg, release, names, where, workdir, skip_finished)
     except BaseException as err:
         run["state"] = f"{failure}: {type(err).__name__}: {err}"[:500]
         catalog.save_run(where, run)
@@ -145,7 +233,15 @@ def _publish_run(run: dict) -> None:
 def retrain(params: RetrainParams = RetrainParams()) -> dict:
     """Run the staged trainings and evaluations on a dataset version; record the run in the catalog."""
     workdir = storage.absolute(params.workdir)
-    cfg = load_config(resolve_config_path(params.config), params.overrides, variables={"workdir": workdir})
+    if params.resume:
+        where = catalog.locate(workdir)[0]
+        run = catalog.get_run(where, params.resume)
+        cfg = RunConfig.model_validate(run["config"])
+        release = catalog.resolve(where, cfg.name, run["dataset_version"])
+        run.update(state="starting", resumed_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        return _run_and_publish(run, cfg, release, run["requested_stages"], where, workdir, "failed",
+                                skip_finished=True)
+    cfg = load_config(resolve_config_path(params.config), params.config_overrides(), variables={"workdir": workdir})
     where = catalog.catalog_uri(cfg, workdir)
     release = catalog.resolve(where, cfg.name, params.dataset_version)
     started = dt.datetime.now(dt.timezone.utc)
@@ -155,7 +251,8 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
            "dataset_version": release["version"], "release": release["release"],
            "pca_version": release.get("pca_version"), "code_version": manifest.code_version(),
            "run_dir": storage.join(workdir, "runs", run_id), "config": cfg.model_dump(mode="json"),
-           "config_path": params.config, "overrides": params.overrides, "requested_stages": list(params.stages)}
+           "config_path": params.config, "overrides": params.config_overrides(),
+           "requested_stages": list(params.stages)}
     return _run_and_publish(run, cfg, release, list(params.stages), where, workdir, "failed")
 
 

@@ -17,9 +17,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Literal
+from typing import IO, Callable, Iterable, Iterator, Literal
 
 import torch
 import torch.distributed as dist
@@ -66,6 +67,8 @@ def launch(
     log_path: str | None = None,
     env: dict[str, str] | None = None,
     timeout_s: float | None = None,
+    on_wait: Callable[[], None] | None = None,
+    poll_s: float = 2.0,
 ) -> None:
     """Run ``module`` under torchrun on this node and wait for it; raise ``LaunchError`` on failure.
 
@@ -74,6 +77,7 @@ def launch(
     Decorate the module's entry point with torch's ``@record`` and that tail ends with the failing
     rank's traceback. ``env`` is added to this process's environment. OMP_NUM_THREADS, unless set,
     shares this machine's cores among the local processes, so they do not oversubscribe the CPU.
+    ``on_wait`` is called every ``poll_s`` seconds while the job runs (progress, heartbeats).
     On timeout or KeyboardInterrupt the job is stopped (SIGTERM, which torchrun forwards to its
     workers, then SIGKILL) before the exception propagates.
     """
@@ -84,7 +88,7 @@ def launch(
         proc = subprocess.Popen(cmd, env=child_env, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            returncode = proc.wait(timeout_s)
+            returncode = _wait(proc, timeout_s, on_wait, poll_s)
         except subprocess.TimeoutExpired:
             terminate_group(proc, _STOP_GRACE_S)
             tail = _tail(path)
@@ -97,6 +101,23 @@ def launch(
             tail = _tail(path)
             raise LaunchError(f"torchrun -m {module} failed with exit code {returncode}; "
                               f"last lines of its log{_where(log_path)}:\n{tail}", returncode, tail)
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float | None, on_wait: Callable[[], None] | None,
+          poll_s: float) -> int:
+    if on_wait is None:
+        return proc.wait(timeout_s)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise subprocess.TimeoutExpired(proc.args, timeout_s)
+        try:
+            return proc.wait(poll_s if left is None else min(poll_s, left))
+        except subprocess.TimeoutExpired:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+            on_wait()
 
 
 @contextlib.contextmanager

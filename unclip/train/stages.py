@@ -13,6 +13,8 @@ Registered here, on what the data half produces:
   held-out shards, alone and with quantisation, and how many codes round-trip.
 - ``eval_retrieval`` (eval): image->text and text->image recall@k of the stored CLIP embeddings on
   held-out pairs, in galleries of ``GALLERY`` pairs (chance is k/GALLERY).
+- ``clip`` (train, GPU, under torchrun): CLIP on the training split's pairs of every source
+  (``unclip.train.clip``), evaluated on the held-out split and released as a model version.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class StageContext:
     train_files: pa.Table  # the release's kept files (FILES_COLUMNS) in the training split
     eval_files: pa.Table  # ... in the held-out split
     previous: dict[str, dict] = field(default_factory=dict)  # stage -> {"outputs", "metrics"}
+    catalog: str | None = None
+    lineage: dict = field(default_factory=dict)  # dataset, PCA and code versions a model is trained on
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,18 @@ def _eval_retrieval(ctx: StageContext) -> dict:
     return {"outputs": {}, "metrics": metrics}
 
 
+def _train_clip(ctx: StageContext) -> dict:
+    """In-process CLIP training (``retrain`` launches ``unclip.train.clip`` under torchrun instead)."""
+    from unclip.train import clip as clip_train
+
+    done = clip_train.train_clip(ctx.config.train.clip, ctx.train_files, ctx.eval_files,
+                                 storage.join(ctx.run_dir, "clip"), lineage=ctx.lineage)
+    return {"outputs": {"model": done.release["uri"], "checkpoint": done.result.checkpoint},
+            "metrics": done.metrics, "model": {"kind": "clip", **done.release}}
+
+
+register(Stage("clip", "train", _train_clip, "CLIP (open_clip) on the mix of every source, released as a model "
+               "version", gpu=True, module="unclip.train.clip"))
 register(Stage("pca", "train", _fit_pca, "PCA (319 of 1024) + 1024-bucket quantiser for the AR prior"))
 register(Stage("eval_pca", "eval", _eval_pca, "held-out reconstruction error of the PCA + quantiser"))
 register(Stage("eval_retrieval", "eval", _eval_retrieval, "held-out image<->text recall@k of the CLIP"))

@@ -11,7 +11,8 @@ micro-batches that can start at a given position, and its loss. Everything else 
   are not dominated by the initialisation);
 - bf16 autocast on CUDA, fp32 on CPU; DDP or FSDP applied from outside by ``distributed.wrap_model``;
 - a self-describing checkpoint every ``checkpoint_every`` steps and at exit: model config, weights,
-  EMA, optimiser, step, data position, RNG states, the task's state and the lineage (dataset, PCA and
+  EMA, optimiser, step, data position, every rank's RNG states and task state (e.g. its position in
+  the data stream) and the lineage (dataset, PCA and
   code versions); written atomically, the newest found through ``checkpoints/latest.json``, and a run
   resumes from it automatically;
 - a guard that stops on a non-finite loss or gradient with a clear error, before the optimiser step,
@@ -217,7 +218,7 @@ class Trainer:
             if ema is not None and state.get("ema") is not None:
                 ema.load_state_dict(state["ema"])
             if hasattr(self.task, "load_state_dict") and state.get("task_state") is not None:
-                self.task.load_state_dict(state["task_state"])
+                self.task.load_state_dict(state["task_state"][min(ctx.rank, len(state["task_state"]) - 1)])
             step = resumed_from = int(state["step"])
             _set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
         writer = self._writer()
@@ -325,7 +326,8 @@ class Trainer:
 
     def _save(self, step: int, wrapped: nn.Module, optimizer, ema, model_config: dict) -> str:
         model_sd, optim_sd = _full_state(wrapped, optimizer)
-        rng = _gather_rng(self.ctx)
+        rng = _gather(self.ctx, _rng_state())
+        task_state = _gather(self.ctx, self.task.state_dict()) if hasattr(self.task, "state_dict") else None
         uri = storage.join(checkpoint_dir(self.out_dir), f"step-{step:08d}.pt")
         if self.main:
             state = {
@@ -335,7 +337,7 @@ class Trainer:
                 "train_config": self.cfg.model_dump(mode="json"),
                 "data_position": {"micro_batches": step * self.cfg.grad_accum, "micro_batch": self.micro_batch,
                                   "world_size": self.ctx.world_size},
-                "task_state": self.task.state_dict() if hasattr(self.task, "state_dict") else None,
+                "task_state": task_state,
                 "rng": rng, "lineage": self.lineage,
                 "lr": lr_at(max(step - 1, 0), self.cfg),
             }
@@ -376,9 +378,8 @@ def load_step(out_dir: str) -> int | None:
     return storage.read_json(pointer)["step"] if storage.exists(pointer) else None
 
 
-def _gather_rng(ctx: distributed.DistContext) -> list[dict]:
-    """Every rank's RNG states (rank order), so each rank resumes its own streams."""
-    mine = _rng_state()
+def _gather(ctx: distributed.DistContext, mine: Any) -> list:
+    """Every rank's ``mine`` in rank order (RNG states, data positions): each rank resumes its own."""
     if ctx.world_size == 1 or not torch.distributed.is_initialized():
         return [mine]
     out: list = [None] * ctx.world_size
