@@ -21,3 +21,13 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+def data_half_config(cfg: dict) -> dict:
+    """The demo config as the data half's tests use it: embeddings from a seeded random
+    initialisation of ``unclip-tiny-vit`` (the score distributions their thresholds were chosen
+    against) and no CLIP training in the pipeline; the demo's trained-CLIP story has its own test."""
+    cfg["embed"]["model"] = {"arch": "unclip-tiny-vit", "seed": 0}
+    cfg["train"]["clip_in_data_pipeline"] = False
+    cfg["semantic_filter"] = {"min_clip_score": None, "near_dup": None}
+    return cfg

@@ -11,7 +11,7 @@ import pytest
 
 from unclip import catalog, locks, manifest, storage
 from unclip.config import parse_config
-from unclip.flows.data import _kept_change_since
+from unclip.bookkeeping import kept_change_since as _kept_change_since
 from unclip.tasks.common import describe_shards
 from unclip.train.stages import split_files
 
@@ -269,3 +269,37 @@ def test_gc_sweeps_old_orphans_but_not_recent_or_listed_files(tmp_path):
     os.utime(listed[0], (two_days_ago, two_days_ago))  # old but listed by the live release
     assert catalog.gc(where, w, "unit", keep_versions=3) == [old]
     assert storage.exists(new) and all(storage.exists(u) for u in listed)
+
+
+def test_a_killed_run_stops_pinning_its_dataset_version(tmp_path):
+    w, where = str(tmp_path), str(tmp_path / "catalog")
+    _state(w, {"c/00000": 10})
+    first = catalog.publish_dataset(where, w, {}, CONFIG)
+    _state(w, {"c/00000": 12}, tag="b")
+    catalog.publish_dataset(where, w, {}, CONFIG)
+    old_only = catalog.kept_files(first).column("kept").to_pylist()
+    # a run that said "running" two hours ago and never again: killed, its heartbeat stopped
+    stale = {"run_id": "dead", "state": "running clip", "dataset_version": first["version"],
+             "started_at": "2026-01-01T00:00:00+00:00", "updated_at": "2026-01-01T00:00:00+00:00"}
+    storage.write_json(catalog.run_uri(where, "dead"), stale)
+    assert not catalog.run_is_live(catalog.get_run(where, "dead"))
+    assert sorted(catalog.gc(where, w, "unit", keep_versions=1)) == sorted(old_only)
+
+
+def test_model_versions_publish_once_and_resolve_by_reference(tmp_path):
+    where = str(tmp_path / "catalog")
+    with pytest.raises(catalog.CatalogError, match="no 'clip' model"):
+        catalog.resolve_model(where, "clip@latest")
+    rec = {"kind": "clip", "uri": "/m/1", "weights_sha256": "ab" * 32, "run_id": "r1", "dataset_version": "ds-1",
+           "code_version": "0.1.0", "metrics": {"t2i_recall@5": 0.3}}
+    first = catalog.publish_model(where, rec)
+    assert first["new"] and first["version"] == "clip-" + "ab" * 6
+    assert not catalog.publish_model(where, rec)["new"], "the same weights are one version"
+    second = catalog.publish_model(where, {**rec, "weights_sha256": "cd" * 32, "run_id": "r2"})
+    assert catalog.resolve_model(where, "clip@latest")["version"] == second["version"]
+    assert catalog.resolve_model(where, f"clip@{first['version']}")["run_id"] == "r1"
+    assert catalog.resolve_model(where, first["version"])["run_id"] == "r1"
+    assert catalog.resolve_model(where, "clip@m000002")["run_id"] == "r2"
+    with pytest.raises(catalog.CatalogError, match="has no model version 'nope'"):
+        catalog.resolve_model(where, "clip@nope")
+    assert [m["version"] for m in catalog.models(where)] == [first["version"], second["version"]]

@@ -180,3 +180,27 @@ def test_sigkilled_clip_run_resumes_to_the_same_weights(tmp_path):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["task_state"] == b["task_state"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_clip_matches_one_process_on_the_doubled_batch(tmp_path):
+    from clip_ddp import ARCH, run
+
+    from unclip.config import LaunchConfig
+    from unclip.train import trainer
+    from unclip.train.distributed import launch
+
+    cfg = ClipTrainConfig(arch=ARCH, steps=2, batch_size=8, warmup_steps=1, checkpoint_every=10, log_every=1,
+                          lr=1e-3, ema_decay=0.9)
+    one = trainer.load_checkpoint(run(str(tmp_path / "one"), cfg))
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
+           "CUDA_VISIBLE_DEVICES": ""}
+    launch(LaunchConfig(nproc_per_node=2, backend="gloo"), "clip_ddp",
+           ["--out", str(tmp_path / "two"), "--config", cfg.model_dump_json()], log_path=str(tmp_path / "two.log"),
+           env=env, timeout_s=300)
+    two = trainer.load_checkpoint(trainer.latest_checkpoint(str(tmp_path / "two")))
+    for k, v in one["model"].items():
+        torch.testing.assert_close(two["model"][k], v, atol=2e-5, rtol=1e-4, msg=k)
+    for k, v in one["ema"].items():
+        torch.testing.assert_close(two["ema"][k], v, atol=2e-5, rtol=1e-4, msg=k)
+    assert two["data_position"]["world_size"] == 2 and one["step"] == two["step"] == 2

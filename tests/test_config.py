@@ -25,7 +25,9 @@ def test_shipped_configs_load():
     assert [s.name for s in demo.sources] == ["clip", "dalle"]
     assert demo.sources[0].url_list == "/w/demo/lists/clip/*.parquet"
     assert demo.ingest.url_policy.allow_hosts == ("127.0.0.1",)
-    assert demo.embed.model.seed == 0 and demo.embed.model.arch == "unclip-tiny"
+    # the demo trains its CLIP in the data pipeline and embeds with that model version
+    assert demo.embed.model.catalog == "clip@latest" and demo.train.clip_in_data_pipeline
+    assert demo.train.clip.arch == "unclip-tiny" and demo.semantic_filter.min_clip_score == 0.6
     paper = load_config(ROOT / "configs" / "paper.yaml")
     assert (paper.pca.n_components, paper.pca.n_buckets) == (319, 1024)
     assert paper.embed.model.arch == "unclip-ViT-H-16-256"
@@ -54,6 +56,10 @@ def test_shipped_configs_load():
         (lambda d: d["ingest"]["url_policy"].update(allowed_schemes=["ftp"]), "ingest.url_policy.allowed_schemes"),
         (lambda d: d["basic_filter"].update(min_caption_chars=10, max_caption_chars=5), "basic_filter"),
         (lambda d: d["sources"].append(dict(d["sources"][0])), "source names must be unique"),
+        (lambda d: d["embed"]["model"].update(arch="unclip-tiny"), "arch comes from the catalog"),
+        (lambda d: d["train"]["clip"].update(init="checkpoint"), "train.clip: Value error, init: checkpoint needs"),
+        (lambda d: d["train"]["clip"].update(batch_size=0), "train.clip.batch_size"),
+        (lambda d: d["train"]["clip"].update(stepz=3), "train.clip.stepz: unknown field"),
     ],
 )
 def test_bad_values_name_the_field(mutate, field):
@@ -74,7 +80,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_until_names_a_stage():
-    assert stages_until("embed") == ("ingest", "basic_filter", "embed")
+    assert stages_until("embed") == ("ingest", "basic_filter", "clip", "embed")
     with pytest.raises(ConfigError, match="--until"):
         stages_until("train")
 
@@ -129,7 +135,7 @@ def test_preflight_unknown_architecture(tmp_path):
     cfg = _config_with_list(tmp_path, {"url": ["http://a/b.jpg"], "text": ["x"]})
     check_config(cfg, ("ingest", "embed"))  # the shipped demo model is registered
     d = cfg.model_dump(mode="json")
-    d["embed"]["model"]["arch"] = "no-such-clip"
+    d["embed"]["model"] = {"arch": "no-such-clip", "seed": 0}
     with pytest.raises(ConfigError, match="embed.model.arch: unknown open_clip architecture"):
         check_config(parse_config(d), ("embed",))
 
@@ -143,3 +149,18 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys):
     assert rc == 2
     assert "ingest.partition_rows" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_set_overrides_take_dotted_paths_and_yaml_values():
+    from unclip.cli import parse_sets
+
+    got = parse_sets(["train.clip.steps=200", "train.clip.source_weights={clip: 1, dalle: 3}",
+                      "semantic_filter.near_dup=null", "name=other"])
+    assert got == {"train": {"clip": {"steps": 200, "source_weights": {"clip": 1, "dalle": 3}}},
+                   "semantic_filter": {"near_dup": None}, "name": "other"}
+    cfg = load_config(ROOT / "configs" / "demo.yaml", got, variables={"workdir": "/w"})
+    assert cfg.train.clip.steps == 200 and cfg.train.clip.source_weights == {"clip": 1.0, "dalle": 3.0}
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_sets(["train.clip.steps"])
+    with pytest.raises(ConfigError, match="train.clip.steps"):
+        load_config(ROOT / "configs" / "demo.yaml", parse_sets(["train.clip.steps=-1"]))

@@ -397,3 +397,22 @@ def test_generate_demo_for_config(tmp_path):
     assert spec.args.max_body_bytes == 2 << 20 and spec.args.timeout_s == 3.0 and spec.args.max_caption_chars == 300
     long = [r for r in spec.plan().to_pylist() if r["kind"] == "long_caption"]
     assert long and all(len(r["caption"].strip()) > 300 for r in long)
+
+
+def test_semantic_filter_truth_scores_drops_against_the_plan():
+    import pyarrow as pa
+
+    from unclip.data.demo_source import semantic_filter_truth
+
+    plan = pa.table({"url": ["a", "b", "c", "d", "e", "f"],
+                     "kind": ["ok", "ok", "ok", "near_duplicate", "near_duplicate", "ok"],
+                     "caption_noise": ["other_image", "other_image", "partial", None, None, "none"]})
+    reached = pa.table({"url": ["a", "b", "c", "d", "e", "f"]})
+    dropped = pa.table({"url": ["a", "c", "f", "d"], "reason": ["clip_score", "clip_score", "clip_score",
+                                                                 "near_duplicate"]})
+    got = semantic_filter_truth(plan, reached, dropped)
+    assert got["clip_score_precision"] == pytest.approx(1 / 3) and got["clip_score_recall"] == 0.5
+    assert got["near_duplicate_precision"] == 1.0 and got["near_duplicate_recall"] == 0.5
+    assert got["clip_score_partial_dropped_fraction"] == 1.0
+    none = semantic_filter_truth(plan, reached, dropped.slice(0, 0))
+    assert none["clip_score_precision"] is None and none["clip_score_dropped"] == 0

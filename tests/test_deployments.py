@@ -70,8 +70,15 @@ def _artifacts(server: PrefectServer, run_ids: list[str]) -> dict[str, dict]:
     return {a["key"]: a for a in arts if a.get("key")}
 
 
+# the data half as these tests check it: a seeded random CLIP embeds, no semantic filter, no CLIP training
+# (tests/test_demo_clip.py runs the demo's trained-CLIP story)
+DATA_HALF = {"embed": {"model": {"arch": "unclip-tiny-vit", "seed": 0, "catalog": None}},
+             "train": {"clip_in_data_pipeline": False},
+             "semantic_filter": {"min_clip_score": None, "near_dup": None}}
+
+
 def _refresh(service) -> dict:
-    return {"config": "configs/demo.yaml", "workdir": str(service["workdir"]), "demo": True}
+    return {"config": "configs/demo.yaml", "workdir": str(service["workdir"]), "demo": True, "overrides": DATA_HALF}
 
 
 def _tars(workdir: Path) -> dict[str, int]:
@@ -167,16 +174,22 @@ def test_retrain_and_evaluate_through_their_deployments(service, first):
     # the UI's form: the parameters are the pydantic model, with its fields and their descriptions
     schema = service["deployments"]["retrain"]["parameter_openapi_schema"]
     fields = schema["definitions"]["RetrainParams"]["properties"]
-    assert {"dataset_version", "stages", "config", "overrides", "run_name"} <= set(fields)
-    assert fields["stages"]["items"]["enum"] == ["pca", "eval_pca", "eval_retrieval"]
-    run = _wait(server, _trigger(service, "retrain", {"params": {"workdir": str(workdir), "run_name": "ci"}}))
+    assert {"dataset_version", "stages", "config", "overrides", "run_name", "clip", "resume"} <= set(fields)
+    assert fields["stages"]["items"]["enum"] == ["clip", "pca", "eval_pca", "eval_retrieval"]
+    settings = schema["definitions"]["StageSettings"]["properties"]
+    assert {"steps", "batch_size", "lr", "checkpoint_every", "seed"} <= set(settings)
+    # CLIP trains under torchrun for a few steps set in the form's typed fields
+    run = _wait(server, _trigger(service, "retrain", {"params": {"workdir": str(workdir), "run_name": "ci",
+                                                                 "clip": {"steps": 3, "batch_size": 16}}}))
     assert run["state_type"] == "COMPLETED"
-    assert run["name"].startswith("retrain: pca,eval_pca,eval_retrieval on latest")
+    assert run["name"].startswith("retrain: clip,pca,eval_pca,eval_retrieval on latest")
     runs = catalog.runs(str(workdir / "catalog"))
     assert len(runs) == 1 and runs[0]["state"] == "completed" and runs[0]["name"] == "ci"
     latest = catalog.latest(str(workdir / "catalog"), "demo")
     assert runs[0]["dataset_version"] == latest["version"]
     assert 0 <= runs[0]["metrics"]["eval_retrieval/image_to_text_recall@10"] <= 1
+    assert runs[0]["metrics"]["clip/steps"] == 3 and runs[0]["config"]["train"]["clip"]["batch_size"] == 16
+    assert [m["version"] for m in catalog.models(str(workdir / "catalog"), "clip")] == [runs[0]["models"]["clip"]]
     ev = _wait(server, _trigger(service, "evaluate", {"params": {"workdir": str(workdir),
                                                                  "run_id": runs[0]["run_id"],
                                                                  "stages": ["eval_pca"]}}))

@@ -25,6 +25,7 @@ import yaml
 
 from unclip import manifest, storage
 from unclip.config import load_config
+from conftest import data_half_config
 from unclip.data import demo_source, embeddings, inputs
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ NEAR_DUP_THRESHOLD = 0.9999
 
 
 def _write_config(path: Path) -> Path:
-    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    cfg = data_half_config(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()))
     cfg["semantic_filter"] = {"min_clip_score": CLIP_THRESHOLD,
                               "near_dup": {"threshold": NEAR_DUP_THRESHOLD, "cluster_size": 100}}
     cfg["orchestration"]["shards_per_task"] = 4  # several batches, as at scale

@@ -34,6 +34,7 @@ import pytest
 import yaml
 
 from unclip.config import load_config
+from conftest import data_half_config
 from unclip.data import demo_source, embeddings
 
 pytestmark = pytest.mark.slow
@@ -48,7 +49,7 @@ DECISION_MARGIN = 2.0**-10
 
 
 def _config(path, lists_dir: str, **orchestration) -> str:
-    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    cfg = data_half_config(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()))
     for s in cfg["sources"]:
         s["url_list"] = f"{lists_dir}/{s['name']}/*.parquet"
     cfg["semantic_filter"] = {"min_clip_score": MIN_CLIP_SCORE, "near_dup": None}

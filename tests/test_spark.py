@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from unclip.config import load_config
+from conftest import data_half_config
 from unclip.data import demo_source
 
 pytestmark = pytest.mark.slow
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_ingest_on_pyspark_enforces_the_policy_in_sparks_workers(tmp_path, prefect_api):
     from unclip.flows.data import data_pipeline
 
-    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    cfg = data_half_config(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()))
     cfg["ingest"]["distributor"] = "pyspark"
     path = tmp_path / "spark.yaml"
     path.write_text(yaml.safe_dump(cfg))

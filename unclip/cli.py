@@ -329,6 +329,26 @@ def summary(records: dict, workdir: str, config, seconds: float) -> str:
             f"pca {records['pca']['pca_version']}: {m['n_components']} of {m.get('dim', 1024)} components keep "
             f"{m['explained_variance_ratio_kept']:.4f} of the variance; relative MSE {m['relative_mse_pca']:.5f} "
             f"(PCA), {m['relative_mse_pca_quantised']:.5f} (PCA + {config.pca.n_buckets} buckets)")
+    if "clip" in records:
+        m = records["clip"]["metrics"]
+        how = "trained here" if m.get("trained") else "already in the catalog, not retrained"
+        lines.append(f"clip model {m.get('model_version')} ({how}): held-out recall@5 text->image "
+                     f"{m.get('t2i_recall@5', float('nan')):.3f}, image->text {m.get('i2t_recall@5', float('nan')):.3f} "
+                     f"(chance {m.get('recall@5_chance', float('nan')):.4f}, gallery {m.get('gallery')}); zero-shot "
+                     f"colour {m.get('zeroshot_colour_acc', float('nan')):.3f} (chance "
+                     f"{m.get('zeroshot_colour_chance', float('nan')):.3f}), shape "
+                     f"{m.get('zeroshot_shape_acc', float('nan')):.3f} (chance "
+                     f"{m.get('zeroshot_shape_chance', float('nan')):.3f})")
+    truth = {k[len("truth/"):]: v for k, v in records.get("semantic_filter", {}).get("metrics", {}).items()
+             if k.startswith("truth/")}
+    if truth:
+        def pct(v):
+            return "-" if v is None else f"{v:.2f}"
+
+        lines.append(f"semantic filter against the demo's planted rows: clip_score precision "
+                     f"{pct(truth.get('clip_score_precision'))} recall {pct(truth.get('clip_score_recall'))} "
+                     f"(wrong captions); near_duplicate precision {pct(truth.get('near_duplicate_precision'))} "
+                     f"recall {pct(truth.get('near_duplicate_recall'))}")
     if "embed" in records and config.embed.model.seed is not None:
         lines.append(f"note: embeddings come from a randomly initialised CLIP ({config.embed.model.arch}, seed "
                      f"{config.embed.model.seed}); CLIP scores and near-duplicate similarities are not meaningful "

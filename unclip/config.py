@@ -16,8 +16,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES: tuple[str, ...] = ("ingest", "basic_filter", "embed", "semantic_filter", "pca")
-Stage = Literal["ingest", "basic_filter", "embed", "semantic_filter", "pca"]
+STAGES: tuple[str, ...] = ("ingest", "basic_filter", "clip", "embed", "semantic_filter", "pca")
+Stage = Literal["ingest", "basic_filter", "clip", "embed", "semantic_filter", "pca"]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -334,6 +334,10 @@ class TrainConfig(_Strict):
     """The training stages: how they launch, the held-out split, and each stage's trainer settings."""
 
     launch: LaunchConfig = LaunchConfig()
+    clip_in_data_pipeline: bool = Field(
+        False, description="Run the data pipeline's `clip` stage: when the catalog has no CLIP model version yet, "
+        "train CLIP on the basic filter's kept pairs (training split) before embedding and publish it; set "
+        "embed.model to {catalog: clip@latest} to embed with it. Off: the stage is skipped.")
     clip: ClipTrainConfig = ClipTrainConfig()
     eval_fraction: float = Field(
         0.05, gt=0.0, lt=1.0, description="Fraction of a dataset version's shards held out for evaluation "

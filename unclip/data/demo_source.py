@@ -922,3 +922,36 @@ __all__ = [
     "clip_caption", "dalle_caption", "expected_drop_counts", "generate_demo", "generate_demo_for_config",
     "load_demo", "planted_counts", "rows_per_kind",
 ]
+
+
+# ------------------------------------------------------------------------------ ground truth judge
+def semantic_filter_truth(plan: pa.Table, reached: pa.Table, dropped_rows: pa.Table) -> dict[str, float | None]:
+    """Precision and recall of the semantic filter's two drops against what the generator planted.
+
+    ``plan`` is the demo's plan (url, source, kind, caption_noise); ``reached`` the rows that entered
+    the semantic filter (url); ``dropped_rows`` its drop records (url, reason). The CLIP-score filter should
+    drop the clip-source rows whose caption describes another image (``caption_noise: other_image``;
+    ``partial`` ones, one object changed, are reported apart: a fair CLIP may keep them); the
+    near-duplicate filter should drop the planted near duplicates (re-encoded or shifted copies).
+    Recall is over the planted rows that reached the filter.
+    """
+    truth = {u: (k, n) for u, k, n in zip(plan.column("url").to_pylist(), plan.column("kind").to_pylist(),
+                                            plan.column("caption_noise").to_pylist())}
+    reached_urls = set(reached.column("url").to_pylist())
+    by_reason: dict[str, set[str]] = {}
+    for url, reason in zip(dropped_rows.column("url").to_pylist(), dropped_rows.column("reason").to_pylist()):
+        by_reason.setdefault(reason, set()).add(url)
+    out: dict[str, float] = {}
+    for reason, wanted in ((drops.CLIP_SCORE, lambda k, n: n == "other_image"),
+                           (drops.NEAR_DUPLICATE, lambda k, n: k == "near_duplicate")):
+        planted = {u for u in reached_urls if u in truth and wanted(*truth[u])}
+        dropped = by_reason.get(reason, set())
+        hit = len(planted & dropped)
+        out[f"{reason}_planted"] = len(planted)
+        out[f"{reason}_dropped"] = len(dropped)
+        out[f"{reason}_precision"] = hit / len(dropped) if dropped else None
+        out[f"{reason}_recall"] = hit / len(planted) if planted else None
+    partial = {u for u in reached_urls if u in truth and truth[u][1] == "partial"}
+    out["clip_score_partial_dropped_fraction"] = (len(partial & by_reason.get(drops.CLIP_SCORE, set()))
+                                                  / len(partial) if partial else None)
+    return out

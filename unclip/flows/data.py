@@ -10,24 +10,28 @@ small summaries; the data stays in Parquet and tar files.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import uuid
 from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import yaml
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed, wait
 
-from unclip import catalog, locks, manifest, runners, storage
+from unclip import bookkeeping, catalog, locks, manifest, runners, storage
 from unclip.config import STAGES, ClipModelConfig, EmbedConfig, RunConfig, stages_until
 from unclip.tasks import embed as embed_tasks
 from unclip.tasks import filter as filter_tasks
 from unclip.tasks import ingest as ingest_tasks
 from unclip.tasks import pca as pca_tasks
 from unclip.tasks import semantic as semantic_tasks
-from unclip.tasks.common import Progress, batched, count_reasons, publish_counts, publish_markdown
+from unclip.tasks import train as train_tasks
+from unclip.train import stages as train_stages
+from unclip.tasks.common import (Progress, batched, count_reasons, publish_counts, publish_markdown,
+                                 publish_table)
 
 
 def run_name(stage: str):
@@ -44,46 +48,18 @@ def run_name(stage: str):
     return name
 
 
-class AccountingError(RuntimeError):
-    """A stage's rows in differ from its rows kept plus rows dropped: a row was lost or doubled."""
-
-
-def _check_accounting(stage: str, rows_in: int, kept: int, reasons: dict[str, int]) -> None:
-    dropped = sum(reasons.values())
-    if rows_in != kept + dropped:
-        raise AccountingError(f"{stage}: {rows_in} rows in but {kept} kept + {dropped} dropped")
-
-
 def _read_index(uri: str) -> list[dict]:
     return storage.read_parquet(uri).to_pylist()
 
 
-def _versioned_shards(index: pa.Table, workdir: str) -> str:
-    """Dataset version of a per-shard result index: shards with kept rows, with their content
-    checksum and the digest of their kept keys."""
-    ingest_index = storage.read_parquet(manifest.stage(workdir, "ingest")["outputs"]["shard_index"],
-                                        columns=["shard", "content_sha256"])
-    sha = dict(zip(ingest_index.column("shard").to_pylist(), ingest_index.column("content_sha256").to_pylist()))
-    kept = index.filter(pc.greater(index.column("rows"), 0))
-    digests = [f"{sha[s]}:{d}" for s, d in zip(kept.column("shard").to_pylist(), kept.column("digest").to_pylist())]
-    return manifest.dataset_version(pa.table({"shard": kept.column("shard"), "digest": digests}))
-
-
 def _finish_stage(workdir: str, config: RunConfig, stage: str, record: dict[str, Any]) -> dict:
     """Check the accounting, write the manifest record, publish the counts and the lineage."""
-    _check_accounting(stage, record["rows_in"], record["rows_kept"], record["drops_by_reason"])
+    bookkeeping.check_accounting(stage, record["rows_in"], record["rows_kept"], record["drops_by_reason"])
     record = {"stage": stage, "accounted": True, **record}
     record = manifest.record_stage(workdir, stage, record, run_config=config.model_dump(mode="json"))["stages"][stage]
     publish_counts(stage, record["rows_in"], record["rows_kept"], record["drops_by_reason"])
-    lines = [f"# {stage}", "", f"- dataset version: `{record.get('dataset_version')}`",
-             f"- code version: `{manifest.code_version()}`", f"- rows in: {record['rows_in']:,}",
-             f"- rows kept: {record['rows_kept']:,}", f"- workdir: `{workdir}`", "", "## outputs", ""]
-    lines += [f"- {k}: `{v}`" for k, v in record.get("outputs", {}).items()]
-    if record.get("metrics"):
-        lines += ["", "## metrics", ""] + [f"- {k}: {v}" for k, v in record["metrics"].items()]
-    lines += ["", "## configuration", "", "```yaml", yaml.safe_dump(record.get("config", {}), sort_keys=False).strip(),
-              "```"]
-    publish_markdown(stage, "lineage", "\n".join(lines), f"{stage}: lineage and outputs")
+    publish_markdown(stage, "lineage", bookkeeping.lineage_markdown(stage, record, workdir),
+                     f"{stage}: lineage and outputs")
     return record
 
 
@@ -110,11 +86,6 @@ def _write_index(workdir: str, name: str, result_uris: list[str], schema: pa.Sch
     tables = [storage.read_parquet(u) for u in result_uris]
     index = pa.concat_tables(tables) if tables else schema.empty_table()
     return index, storage.write_parquet(storage.join(workdir, "index", f"{name}.parquet"), index)
-
-
-def _kept_and_drops(index: pa.Table) -> dict:
-    return {"rows_kept": int(pc.sum(index.column("rows")).as_py() or 0),
-            "drops_by_reason": count_reasons(index.column("drops").to_pylist())}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,12 +157,67 @@ def basic_filter_flow(config: RunConfig, workdir: str) -> dict:
     storage.remove(work, recursive=True)
     return _finish_stage(workdir, config, "basic_filter", {
         "rows_in": ingested["rows_kept"],
-        **_kept_and_drops(index),
-        "dataset_version": _versioned_shards(index, workdir),
+        **bookkeeping.kept_and_drops(index),
+        "dataset_version": bookkeeping.versioned_shards(index, workdir),
         "outputs": {"shard_index": index_uri, "kept": storage.join(workdir, "basic_filter", "kept"),
                     "drops": storage.join(workdir, "drops", "basic_filter")},
         "metrics": {"exact_duplicates": n_dups, "shards": index.num_rows},
         "config": {"basic_filter": cfg.model_dump(mode="json")},
+    })
+
+
+@flow(name="clip", flow_run_name=run_name("clip"))
+def clip_flow(config: RunConfig, workdir: str) -> dict:
+    """Train CLIP on the basic filter's kept pairs (stage 3), before anything is embedded.
+
+    It bootstraps: when the catalog already has a CLIP model version the stage trains nothing (a daily
+    refresh must not retrain CLIP; ``unclip retrain --stages clip`` does, and the next refresh
+    re-embeds with ``clip@latest``). The pairs are split into training and held-out shards by the same
+    shard-name hash ``retrain`` uses,
+    so no evaluation ever sees a training pair. The run folder is named by the kept set and the
+    training settings: a re-run with both unchanged finds the published model (and a killed one resumes
+    from its checkpoint). The model is published as a ``clip`` model version; ``embed.model:
+    {catalog: clip@latest}`` embeds with it.
+    """
+    filtered = manifest.stage(workdir, "basic_filter")
+    where = catalog.catalog_uri(config, workdir)
+    existing = catalog.models(where, "clip")
+    if existing:  # bootstrap only: a refresh embeds with the released CLIP; `unclip retrain` trains anew
+        get_run_logger().info("clip: the catalog has CLIP %s; not training one in the data pipeline",
+                              existing[-1]["version"])
+        return _finish_stage(workdir, config, "clip", {
+            "rows_in": filtered["rows_kept"], "rows_kept": filtered["rows_kept"], "drops_by_reason": {},
+            "dataset_version": filtered["dataset_version"], "outputs": {"model": existing[-1]["uri"]},
+            "metrics": {**existing[-1].get("metrics", {}), "model_version": existing[-1]["version"], "trained": False},
+            "config": {}})
+    index = storage.read_parquet(filtered["outputs"]["shard_index"])
+    files = index.filter(pc.greater(index.column("rows"), 0))
+    train, held = train_stages.split_files(files, config.train.eval_fraction)
+    key = hashlib.sha256(json.dumps([filtered["dataset_version"], config.train.clip.model_dump(mode="json"),
+                                     config.train.eval_fraction], sort_keys=True).encode()).hexdigest()[:12]
+    run_id = f"data-clip-{key}"
+    lineage = {"run_id": run_id, "dataset_version": filtered["dataset_version"], "release": "basic_filter",
+               "pca_version": None, "code_version": manifest.code_version()}
+    ctx = train_stages.StageContext(run_id, storage.join(workdir, "clip", key), config,
+                                    {"release": "basic_filter", "version": filtered["dataset_version"]},
+                                    train, held, catalog=None, lineage=lineage)
+    result_uri = storage.join(ctx.run_dir, "clip", "result.json")
+    if storage.exists(result_uri):
+        result = storage.read_json(result_uri)
+    else:
+        if train_stages.REGISTRY["clip"].gpu:
+            locks.ensure_gpu_limit()
+        result = train_tasks.run_stage.with_options(tags=[locks.GPU_TAG])("clip", run_id, ctx)
+    model = train_tasks.publish_model(where, "clip", result, config, lineage)
+    return _finish_stage(workdir, config, "clip", {
+        "rows_in": filtered["rows_kept"], "rows_kept": filtered["rows_kept"], "drops_by_reason": {},
+        "dataset_version": filtered["dataset_version"],
+        "outputs": {**result["outputs"], "run_dir": ctx.run_dir},
+        "metrics": {**{k: v for k, v in result["metrics"].items() if isinstance(v, (int, float, str, bool))},
+                    "model_version": model["version"], "trained": True, "train_shards": train.num_rows,
+                    "heldout_shards": held.num_rows},
+        "config": {"train": {"clip": config.train.clip.model_dump(mode="json"),
+                             "eval_fraction": config.train.eval_fraction}},
     })
 
 
@@ -231,8 +257,8 @@ def embed_flow(config: RunConfig, workdir: str) -> dict:
     storage.remove(storage.join(workdir, "embed", "work"), recursive=True)
     return _finish_stage(workdir, config, "embed", {
         "rows_in": filtered["rows_kept"],
-        **_kept_and_drops(index),
-        "dataset_version": _versioned_shards(index, workdir),
+        **bookkeeping.kept_and_drops(index),
+        "dataset_version": bookkeeping.versioned_shards(index, workdir),
         "outputs": {"shard_index": index_uri, "embeddings": storage.join(workdir, "embed", "candidates"),
                     "drops": storage.join(workdir, "drops", "embed")},
         "metrics": {"model": cfg.model.arch, "weights": cfg.model.weights, "model_identity": model_id,
@@ -266,14 +292,34 @@ def semantic_filter_flow(config: RunConfig, workdir: str) -> dict:
     storage.remove(work, recursive=True)
     return _finish_stage(workdir, config, "semantic_filter", {
         "rows_in": embedded["rows_kept"],
-        **_kept_and_drops(index),
-        "dataset_version": _versioned_shards(index, workdir),
+        **bookkeeping.kept_and_drops(index),
+        "dataset_version": bookkeeping.versioned_shards(index, workdir),
         "outputs": {"shard_index": index_uri, "embeddings": storage.join(workdir, "embeddings"),
                     "drops": storage.join(workdir, "drops", "semantic_filter")},
         "metrics": {"near_duplicates": n_near, "cells": cells,
-                    "clip_random_init": config.embed.model.seed is not None},
+                    "clip_random_init": config.embed.model.seed is not None,
+                    **_judge_against_demo_truth(workdir, embedded, index)},
         "config": {"semantic_filter": cfg.model_dump(mode="json")},
     })
+
+
+def _judge_against_demo_truth(workdir: str, embedded: dict, index: pa.Table) -> dict:
+    """On the demo's data (its generator's plan beside the workdir's data): the semantic filter's
+    precision and recall against the planted wrong captions and near duplicates, as ``truth/*``
+    metrics and a table artifact. Empty for any other data."""
+    plan_uri = storage.join(workdir, "demo", "plan.parquet")
+    if not storage.exists(plan_uri):
+        return {}
+    from unclip.data import demo_source
+
+    cand = [u for u in storage.read_parquet(embedded["outputs"]["shard_index"]).column("embeddings").to_pylist() if u]
+    reached = pa.concat_tables([storage.read_parquet(u, columns=["url"]) for u in cand])
+    drop_files = [u for u in index.column("drops").to_pylist() if u]
+    dropped = pa.concat_tables([storage.read_parquet(u, columns=["url", "reason"]) for u in drop_files])
+    truth = demo_source.semantic_filter_truth(storage.read_parquet(plan_uri), reached, dropped)
+    publish_table("semantic_filter", "truth", [{"measure": k, "value": v} for k, v in truth.items()],
+                  "semantic filter: precision and recall against the demo generator's planted rows")
+    return {f"truth/{k}": v for k, v in truth.items()}
 
 
 @flow(name="pca", flow_run_name=run_name("pca"))
@@ -288,7 +334,7 @@ def pca_flow(config: RunConfig, workdir: str) -> dict:
     final = manifest.stage(workdir, "semantic_filter")
     index = storage.read_parquet(final["outputs"]["shard_index"])
     previous = manifest.load(workdir)["stages"].get("pca")
-    change = _kept_change_since(previous, index, config)
+    change = bookkeeping.kept_change_since(previous, index, config)
     if change is not None and change <= config.pca.refit_min_change:
         fitted = pca_tasks.load_fitted(previous["outputs"])
         log.info("pca: kept set changed by %.4f <= %.4f since %s was fitted; keeping it", change,
@@ -312,28 +358,10 @@ def pca_flow(config: RunConfig, workdir: str) -> dict:
     })
 
 
-def _kept_change_since(previous: dict | None, index: pa.Table, config: RunConfig) -> float | None:
-    """Fraction of the rows the previous PCA was fitted on that changed since (None: fit anew)."""
-    if not previous or "fit_shards" not in previous.get("outputs", {}):
-        return None
-    fit_cfg = {k: v for k, v in previous["config"]["pca"].items() if k != "refit_min_change"}
-    now_cfg = {k: v for k, v in config.pca.model_dump(mode="json").items() if k != "refit_min_change"}
-    if fit_cfg != now_cfg or not all(storage.exists(u) for u in previous["outputs"].values()):
-        return None
-    fit = storage.read_parquet(previous["outputs"]["fit_shards"])
-    before = dict(zip(fit.column("shard").to_pylist(), zip(fit.column("digest").to_pylist(),
-                                                          fit.column("rows").to_pylist())))
-    now = index.filter(pc.greater(index.column("rows"), 0))
-    after = dict(zip(now.column("shard").to_pylist(), zip(now.column("digest").to_pylist(),
-                                                         now.column("rows").to_pylist())))
-    changed = sum(rows for shard, (digest, rows) in after.items() if before.get(shard, (None,))[0] != digest)
-    changed += sum(rows for shard, (_, rows) in before.items() if shard not in after)
-    return changed / max(1, sum(rows for _, rows in before.values()))
-
-
 SUBFLOWS: dict[str, Callable[..., dict]] = {
     "ingest": ingest_flow,
     "basic_filter": basic_filter_flow,
+    "clip": clip_flow,
     "embed": embed_flow,
     "semantic_filter": semantic_filter_flow,
     "pca": pca_flow,
@@ -353,6 +381,8 @@ def data_pipeline(config: RunConfig, workdir: str, until: str = "pca", lock_time
     records = {}
     with locks.workdir_lock(workdir, lock_timeout_s):
         for stage in stages_until(until):
+            if stage == "clip" and not config.train.clip_in_data_pipeline:
+                continue
             sub = SUBFLOWS[stage].with_options(task_runner=runners.task_runner(config.orchestration))
             records[stage] = sub(config=config, workdir=workdir)
     return records

@@ -20,15 +20,15 @@ import datetime as dt
 import json
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from unclip import catalog, locks, manifest, storage
 from unclip.config import RunConfig, deep_merge, load_config, resolve_config_path
-from unclip.tasks.common import Progress, publish_markdown
-from unclip.train import distributed, stages
+from unclip.tasks import train as train_tasks
+from unclip.tasks.common import publish_markdown
+from unclip.train import stages
 
 # the registered stages at import time: a training issue's `stages.register` extends the form
 StageName = Literal[tuple(stages.names())]  # type: ignore[valid-type]
@@ -103,63 +103,6 @@ def _evaluate_name() -> str:
     return f"evaluate: {_params().get('run_id', '?')}"
 
 
-HEARTBEAT_S = 60.0
-
-
-@task(name="run-stage", task_run_name="{name}: {run_id}", cache_policy=NO_CACHE)
-def run_stage(name: str, run_id: str, ctx: stages.StageContext) -> dict:
-    stage = stages.REGISTRY[name]
-    if stage.module is None:
-        return stage.run(ctx)
-    # a distributed stage: torchrun with train.launch; the module writes <run_dir>/<stage>/result.json
-    out = storage.join(ctx.run_dir, name)
-    steps = getattr(ctx.config.train, name).steps if hasattr(ctx.config.train, name) else 1
-    with Progress(f"train-{name}", steps, f"{name}: training", unit="step") as progress:
-        watch = _Watcher(out, progress, ctx)
-        distributed.launch(ctx.config.train.launch, stage.module,
-                           ["--run-dir", ctx.run_dir, "--stage", name, "--context", _context_file(ctx, out)],
-                           log_path=storage.join(out, "torchrun.log"), on_wait=watch)
-        watch()
-    return storage.read_json(storage.join(out, "result.json"))
-
-
-class _Watcher:
-    """While torchrun runs: the trainer's progress.json into the progress artifact and the terminal
-    bar, and a heartbeat on the run's catalog record (a run that stops beating no longer pins its
-    dataset version against gc)."""
-
-    def __init__(self, out: str, progress: Progress, ctx: stages.StageContext) -> None:
-        self.uri, self.progress, self.ctx = storage.join(out, "progress.json"), progress, ctx
-        self.beat = 0.0
-
-    def __call__(self) -> None:
-        import time
-
-        if storage.exists(self.uri):
-            try:
-                step = int(storage.read_json(self.uri)["step"])
-            except (ValueError, KeyError):  # being replaced: read it next time
-                step = self.progress.done
-            if step > self.progress.done:
-                self.progress.advance(step - self.progress.done)
-        if self.ctx.catalog and time.monotonic() - self.beat >= HEARTBEAT_S:
-            self.beat = time.monotonic()
-            run = catalog.get_run(self.ctx.catalog, self.ctx.run_id)
-            catalog.save_run(self.ctx.catalog, run)
-
-
-def _context_file(ctx: stages.StageContext, out: str) -> str:
-    """Everything a torchrun rank needs, in files: the config, the split's file lists, the lineage."""
-    train_uri = storage.write_parquet(storage.join(out, "train_files.parquet"), ctx.train_files)
-    eval_uri = storage.write_parquet(storage.join(out, "eval_files.parquet"), ctx.eval_files)
-    uri = storage.join(out, "context.json")
-    storage.write_json(uri, {"run_id": ctx.run_id, "run_dir": ctx.run_dir, "release": ctx.release["release"],
-                             "dataset_version": ctx.release["version"], "catalog": ctx.catalog,
-                             "config": ctx.config.model_dump(mode="json"), "previous": ctx.previous,
-                             "train_files": train_uri, "eval_files": eval_uri, "lineage": ctx.lineage})
-    return uri
-
-
 def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], where: str, workdir: str,
                 skip_finished: bool = False) -> dict:
     log = get_run_logger()
@@ -178,21 +121,13 @@ def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], wher
         if skip_finished and name in run.get("stages", {}):
             log.info("%s: finished in this run before, skipped", name)
             continue
-        runner = run_stage.with_options(tags=[locks.GPU_TAG] if stage.gpu else [])
+        runner = train_tasks.run_stage.with_options(tags=[locks.GPU_TAG] if stage.gpu else [])
         run["state"] = f"running {name}"
         catalog.save_run(where, run)
         result = runner(name, run["run_id"], ctx)
         if result.get("model"):
-            model = catalog.publish_model(where, {
-                **result["model"], "run_id": run["run_id"], "stage": name,
-                "dataset_version": release["version"], "release": release["release"],
-                "pca_version": run.get("pca_version"), "code_version": run.get("code_version"),
-                "config": getattr(cfg.train, name).model_dump(mode="json") if hasattr(cfg.train, name) else {},
-                "metrics": {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float, str, bool))}})
-            result["outputs"]["model_version"] = model["version"]
+            model = train_tasks.publish_model(where, name, result, cfg, ctx.lineage)
             run.setdefault("models", {})[name] = model["version"]
-            log.info("%s: published model version %s%s", name, model["version"], "" if model["new"] else
-                     " (already in the catalog)")
         ctx.previous[name] = result
         run.setdefault("stages", {})[name] = {"kind": stage.kind, **result,
                                               "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()}

@@ -129,6 +129,11 @@ def publish_counts(stage: str, rows_in: int, rows_kept: int, reasons: dict[str, 
                               sum(reasons.values()), reasons)
 
 
+def publish_table(stage: str, name: str, rows: list[dict], description: str) -> None:
+    if in_prefect_run():
+        create_table_artifact(rows, key=artifact_key(stage, name), description=description)
+
+
 def publish_markdown(stage: str, name: str, markdown: str, description: str) -> None:
     if in_prefect_run():
         create_markdown_artifact(markdown, key=artifact_key(stage, name), description=description)

@@ -99,7 +99,12 @@ def ema_avg_fn(decay: float) -> Callable:
     def update(ema: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         n = float(num_averaged)
         d = min(decay, (1.0 + n) / (10.0 + n))
-        torch._foreach_lerp_(ema, current, 1.0 - d)
+        floats = [(e, c) for e, c in zip(ema, current) if e.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [c for _, c in floats], 1.0 - d)
+        for e, c in zip(ema, current):  # integer buffers (BatchNorm's step count) are copied
+            if not e.is_floating_point():
+                e.copy_(c)
 
     return update
 
