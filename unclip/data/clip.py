@@ -32,9 +32,12 @@ from unclip.models import CLIP_CONFIG_DIR
 log = logging.getLogger(__name__)
 
 def register_project_configs() -> None:
+    """Register the project's architectures (``unclip.models.clip_configs``) with open_clip, once;
+    every one of them is checked, since a released model's json may have registered one alone."""
     import open_clip
 
-    if "unclip-tiny" not in open_clip.list_models():
+    known = set(open_clip.list_models())
+    if any(p.stem not in known for p in CLIP_CONFIG_DIR.glob("*.json")):
         open_clip.add_model_config(CLIP_CONFIG_DIR)
 
 
