@@ -180,7 +180,8 @@ def test_retrain_and_evaluate_through_their_deployments(service, first):
     assert {"steps", "batch_size", "lr", "checkpoint_every", "seed"} <= set(settings)
     # CLIP trains under torchrun for a few steps set in the form's typed fields
     run = _wait(server, _trigger(service, "retrain", {"params": {"workdir": str(workdir), "run_name": "ci",
-                                                                 "clip": {"steps": 3, "batch_size": 16}}}))
+                                                                 "clip": {"steps": 3, "batch_size": 16,
+                                                                          "warmup_steps": 1}}}))
     assert run["state_type"] == "COMPLETED"
     assert run["name"].startswith("retrain: clip,pca,eval_pca,eval_retrieval on latest")
     runs = catalog.runs(str(workdir / "catalog"))

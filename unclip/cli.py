@@ -144,7 +144,12 @@ def main(argv: list[str] | None = None) -> int:
               f"Finished stages are kept; run the same command again to resume. Details: --verbose, the Prefect "
               f"UI, and {workdir}/logs/.", file=sys.stderr)
         return 1
-    print(summary(records, workdir, config, time.monotonic() - start))
+    release = None
+    if args.command == "demo" and until == stages[-1] and "pca" in records:
+        from unclip import catalog
+
+        release = catalog.latest(catalog.catalog_uri(config, workdir), config.name)
+    print(summary(records, workdir, config, time.monotonic() - start, release))
     if ui is not None:
         print(f"\nPrefect UI: {ui} (flow runs, artifacts, logs)")
     return 0
@@ -312,7 +317,7 @@ KEY_METRICS = ("heldout_relative_mse_pca_quantised", "t2i_recall@5", "zeroshot_c
                "explained_variance_ratio_kept")
 
 
-def summary(records: dict, workdir: str, config, seconds: float) -> str:
+def summary(records: dict, workdir: str, config, seconds: float, release: dict | None = None) -> str:
     """The end-of-run report: per stage rows in/kept/dropped and top reasons, versions, outputs."""
     lines = [f"\nunclip: {len(records)} stage(s) done in {seconds:.1f} s; workdir {workdir}", ""]
     head = f"{'stage':<16}{'rows in':>10}{'kept':>10}{'dropped':>10}   drops by reason"
@@ -353,6 +358,9 @@ def summary(records: dict, workdir: str, config, seconds: float) -> str:
         lines.append(f"note: embeddings come from a randomly initialised CLIP ({config.embed.model.arch}, seed "
                      f"{config.embed.model.seed}); CLIP scores and near-duplicate similarities are not meaningful "
                      "until a trained checkpoint is configured.")
+    if release is not None:
+        lines.append(f"released as dataset {release['name']} {release['release']} ({release['version']}); "
+                     f"`unclip datasets|models --workdir {workdir}` lists the catalog")
     lines += ["", f"manifest:   {workdir}/manifest.json", f"drops:      {workdir}/drops/"]
     if "semantic_filter" in records:
         lines.append(f"embeddings: {workdir}/embeddings/")

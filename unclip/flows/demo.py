@@ -1,7 +1,8 @@
 """The built-in demo: generate procedural image-caption data, serve it on 127.0.0.1, run the pipeline.
 
 The demo flow starts the local HTTP server, runs ``data_pipeline`` (the same flows a user's own URL
-lists go through, with the demo's config) as a subflow, and stops the server. The data is generated
+lists go through, with the demo's config) as a subflow, stops the server, and releases the kept set
+as a dataset version in the catalog (as a refresh does). The data is generated
 once per workdir; re-running the demo on the same workdir downloads nothing new.
 """
 
@@ -12,8 +13,8 @@ from prefect.cache_policies import NO_CACHE
 
 from pathlib import Path
 
-from unclip import storage
-from unclip.config import RunConfig, load_config
+from unclip import catalog, locks, storage
+from unclip.config import STAGES, RunConfig, load_config
 from unclip.data import demo_source
 from unclip.flows.data import data_pipeline
 
@@ -42,4 +43,11 @@ def demo_flow(workdir: str, config: RunConfig | None = None, size: int = 2000, s
     out_dir = generate(workdir, config, size, seed)
     spec = demo_source.load_demo(out_dir)
     with spec.server():
-        return data_pipeline(config=config, workdir=workdir, until=until)
+        records = data_pipeline(config=config, workdir=workdir, until=until)
+    if until == STAGES[-1]:  # the whole story: the kept set is released as a dataset version
+        where = catalog.catalog_uri(config, workdir)
+        with locks.refresh_lock(config.name, where, timeout_s=60.0):
+            release = catalog.publish_dataset(where, workdir, records, config)
+        get_run_logger().info("demo: dataset version %s %s (%s) in %s", release["release"], release["version"],
+                              "new" if release["new"] else "unchanged", where)
+    return records

@@ -43,6 +43,7 @@ class StageSettings(BaseModel):
     steps: int | None = Field(None, ge=1, description="Optimiser steps.")
     batch_size: int | None = Field(None, ge=1, description="Global batch (samples per optimiser step).")
     lr: float | None = Field(None, gt=0.0, le=1.0, description="Peak learning rate.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps (at most `steps`).")
     checkpoint_every: int | None = Field(None, ge=1, description="Steps between checkpoints.")
     seed: int | None = Field(None, description="Seed of the initialisation, data order and augmentation.")
 
