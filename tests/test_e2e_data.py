@@ -194,12 +194,15 @@ def test_manifest_records_lineage_of_every_stage(run):
 
 def test_stages_publish_prefect_artifacts(run):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     want = ["ingest-counts", "basic-filter-counts", "embed-counts", "semantic-filter-counts", "pca-counts",
             "pca-explained-variance", "pca-figures", "ingest-lineage", "ingest-progress", "embed-progress"]
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=want)))
+        # this run's flow runs only: other tests of the session share the server and its artifact keys
+        ours = [r for r in client.read_flow_runs(limit=200) if r.parameters.get("workdir") == str(run["workdir"])]
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=want), flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in ours])))
         by_key = {a.key: a for a in arts}
         assert set(want) <= set(by_key), set(want) - set(by_key)
         table = by_key["ingest-counts"].data
@@ -212,8 +215,8 @@ def test_stages_publish_prefect_artifacts(run):
         from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId,
                                                     TaskRunFilter, TaskRunFilterName)
 
-        first = min(client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["basic_filter"]))),
-                    key=lambda r: r.start_time)
+        first = min((r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["basic_filter"])))
+                     if r.parameters.get("workdir") == str(run["workdir"])), key=lambda r: r.start_time)
         checks = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first.id])),
             task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="basic checks")))

@@ -18,15 +18,14 @@ import contextlib
 import functools
 import logging
 import os
-from typing import Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from unclip import storage
 from unclip.config import ClipModelConfig, EmbedConfig
+from unclip.data import pairs
 from unclip.models import CLIP_CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -98,30 +97,6 @@ def load_clip(cfg: ClipModelConfig, device: torch.device | str = "cpu"):
     return _load_cached(cfg.model_dump_json(), str(device))
 
 
-def _fsspec_open(src: Iterator[dict]) -> Iterator[dict]:
-    """webdataset's url_opener, through fsspec so that s3:// shards read like local ones."""
-    for sample in src:
-        fs, p = storage.fs_and_path(sample["url"])
-        with fs.open(p, "rb") as stream:
-            sample["stream"] = stream
-            yield sample
-
-
-def _skip_and_log(exn: Exception) -> bool:
-    log.warning("skipping a sample that failed to load: %r", exn)
-    return True
-
-
-def _is_image_member(fname: str) -> bool:
-    # the caption comes from the basic filter's table; the tar's .txt/.json members are not read
-    return fname.endswith((".jpg", ".png", ".webp"))
-
-
-def _tar_samples(streams: Iterator[dict]) -> Iterator[dict]:
-    files = tar_file_expander(streams, handler=_skip_and_log, select_files=_is_image_member)
-    return group_by_keys(files, handler=_skip_and_log)
-
-
 class EmbeddingInputs:
     """Callable stages of the pipeline, kept picklable for DataLoader workers."""
 
@@ -149,11 +124,11 @@ def embedding_pipeline(keep: dict[str, dict[str, str]], preprocess, tokenizer, b
     return wds.DataPipeline(
         wds.SimpleShardList(sorted(keep)),
         wds.split_by_worker,
-        _fsspec_open,
-        _tar_samples,
+        pairs.open_shards,
+        pairs.tar_samples,
         wds.select(stages.wanted),
-        wds.decode("pilrgb", handler=_skip_and_log),
-        wds.map(stages.to_tensors, handler=_skip_and_log),
+        wds.decode("pilrgb", handler=pairs.skip_and_log),
+        wds.map(stages.to_tensors, handler=pairs.skip_and_log),
         wds.batched(batch_size, collation_fn=_collate, partial=True),
     )
 

@@ -44,12 +44,12 @@ IMAGE_EXTS = (".jpg", ".png", ".webp")
 MAX_FAILURES_IN_A_ROW = 1000
 
 
-def _skip_and_log(exn: Exception) -> bool:
+def skip_and_log(exn: Exception) -> bool:
     log.warning("skipping a sample that failed to load: %r", exn)
     return True
 
 
-def _open(src: Iterator[dict]) -> Iterator[dict]:
+def open_shards(src: Iterator[dict]) -> Iterator[dict]:
     """webdataset's url_opener, through fsspec so that s3:// shards read like local ones."""
     for sample in src:
         fs, p = storage.fs_and_path(sample["url"])
@@ -62,8 +62,8 @@ def tar_samples(streams: Iterator[dict], with_json: bool = False) -> Iterator[di
     """Samples (``__key__``, ``__url__``, image bytes[, json bytes]) of opened tar streams; the
     caption comes from the kept table, so the tar's .txt members are not read."""
     exts = IMAGE_EXTS + ((".json",) if with_json else ())
-    files = tar_file_expander(streams, handler=_skip_and_log, select_files=lambda f: f.endswith(exts))
-    return group_by_keys(files, handler=_skip_and_log)
+    files = tar_file_expander(streams, handler=skip_and_log, select_files=lambda f: f.endswith(exts))
+    return group_by_keys(files, handler=skip_and_log)
 
 
 def kept_rows(files: pa.Table) -> dict[str, dict[str, str]]:
@@ -134,7 +134,7 @@ class TrainPairs(torch.utils.data.IterableDataset):
                 mine, every = ordered[slot::slots], 1
             else:  # fewer shards than readers: every reader takes every shard, one sample in `slots`
                 mine, every = ordered, slots
-            samples = tar_samples(_open({"url": u} for u in mine))
+            samples = tar_samples(open_shards({"url": u} for u in mine))
             n = 0
             for sample in samples:
                 if sample["__key__"] not in self.keep[sample["__url__"]]:
@@ -182,7 +182,7 @@ class TrainPairs(torch.utils.data.IterableDataset):
         position = self.positions.get(logical_worker, 0)
         for _ in range(position):  # replay without decoding
             next(raw)
-        decode = wds.decode("pilrgb", handler=_skip_and_log)
+        decode = wds.decode("pilrgb", handler=skip_and_log)
         out: list[dict] = []
         failed = 0
         while True:
@@ -195,7 +195,7 @@ class TrainPairs(torch.utils.data.IterableDataset):
                 out.append(self._to_tensors(decoded, position))
                 failed = 0
             except Exception as exn:  # noqa: BLE001 - a bad sample is logged and skipped
-                _skip_and_log(exn)
+                skip_and_log(exn)
                 failed += 1
                 if failed >= MAX_FAILURES_IN_A_ROW:
                     raise RuntimeError(f"{failed} samples in a row failed to decode (last: {exn!r}); "
@@ -244,11 +244,11 @@ class HeldOutPairs(torch.utils.data.IterableDataset):
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(sorted(t for t, k in self.keep.items() if k)),
             wds.split_by_worker,
-            _open,
+            open_shards,
             lambda s: tar_samples(s, with_json=True),
             wds.select(self._wanted),
-            wds.decode("pilrgb", handler=_skip_and_log),
-            wds.map(self._to_tensors, handler=_skip_and_log),
+            wds.decode("pilrgb", handler=skip_and_log),
+            wds.map(self._to_tensors, handler=skip_and_log),
             wds.batched(self.batch_size, collation_fn=_collate, partial=True),
         )
         return iter(pipeline)
