@@ -33,7 +33,7 @@ import math
 import random
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
@@ -76,7 +76,6 @@ class TrainResult:
     step: int
     checkpoint: str
     resumed_from: int | None
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 # -- the schedule -----------------------------------------------------------------------------------
@@ -155,10 +154,6 @@ class _StopRequested(Exception):
     pass
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Full (unsharded) model and optimiser state dicts on CPU, whatever the wrapper."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -235,6 +230,7 @@ class Trainer:
         window: dict[str, float] = {}
         window_n, t0, samples = 0, time.perf_counter(), 0
         last_ckpt = latest_checkpoint(self.out_dir)
+        saved_step = step if last_ckpt else None  # the step the newest checkpoint holds
         finished_cleanly = False
         try:
             wrapped.train()
@@ -283,7 +279,7 @@ class Trainer:
                     self._log(writer, step, logged)
                     window, window_n, t0, samples = {}, 0, time.perf_counter(), 0
                 if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    last_ckpt = self._save(step, wrapped, optimizer, ema, model_config)
+                    last_ckpt, saved_step = self._save(step, wrapped, optimizer, ema, model_config), step
                 if stop["signal"] is not None:
                     raise _StopRequested()
             finished_cleanly = True
@@ -295,7 +291,7 @@ class Trainer:
                 writer.flush()
             # the exit checkpoint: after a finished step (a failed one left the last good one in place)
         if finished_cleanly or stop["signal"] is not None:
-            if latest_checkpoint(self.out_dir) is None or load_step(self.out_dir) != step:
+            if saved_step != step:
                 last_ckpt = self._save(step, wrapped, optimizer, ema, model_config)
         if writer is not None:
             writer.close()
