@@ -2,7 +2,7 @@
 # Each creates the virtual environment (.venv) when it is missing or older than pyproject.toml.
 PYTHON  ?= python3
 VENV    ?= .venv
-WORKDIR ?= runs/demo
+WORKDIR ?= work/demo
 SIZE    ?= 2000
 BIN      = $(VENV)/bin
 

@@ -110,7 +110,7 @@ def _peak_rss_mib() -> float:
 
 def child(method: str, rows: int, data_dir: Path) -> dict:
     from unclip.data.embeddings import iter_embedding_batches
-    from unclip.data.pca import fit_pca, fit_pca_quantiser
+    from unclip.data.pca import fit_streaming_pca, fit_pca_quantiser
 
     files = ensure_data(data_dir, rows)
     images = lambda: (b[0] for b in iter_embedding_batches(  # noqa: E731
@@ -118,7 +118,7 @@ def child(method: str, rows: int, data_dir: Path) -> dict:
     out: dict = {"method": method, "rows": rows}
     t0 = time.perf_counter()
     if method == "ours_pca":
-        pca = fit_pca(images(), N_COMPONENTS)
+        pca = fit_streaming_pca(images(), N_COMPONENTS)
         out["seconds"] = time.perf_counter() - t0
         out["kept"] = float(pca.explained_variance_ratio_.sum())
     elif method == "ours_pca_mem":
@@ -131,7 +131,7 @@ def child(method: str, rows: int, data_dir: Path) -> dict:
             at += img.shape[0]
         out["read_seconds"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        pca = fit_pca((x[i : i + BATCH_ROWS] for i in range(0, rows, BATCH_ROWS)), N_COMPONENTS, prefetch_batches=0)
+        pca = fit_streaming_pca((x[i : i + BATCH_ROWS] for i in range(0, rows, BATCH_ROWS)), N_COMPONENTS, prefetch_batches=0)
         out["fit_seconds"] = time.perf_counter() - t1
         out["seconds"] = time.perf_counter() - t0
         out["kept"] = float(pca.explained_variance_ratio_.sum())

@@ -60,6 +60,8 @@ def test_shipped_configs_load():
         (lambda d: d["train"]["clip"].update(init="checkpoint"), "train.clip: Value error, init: checkpoint needs"),
         (lambda d: d["train"]["clip"].update(batch_size=0), "train.clip.batch_size"),
         (lambda d: d["train"]["clip"].update(stepz=3), "train.clip.stepz: unknown field"),
+        (lambda d: d["orchestration"].update(shards_per_task=4),
+         "orchestration: Value error, `shards_per_task` was renamed to `filter_shards_per_task`"),
     ],
 )
 def test_bad_values_name_the_field(mutate, field):

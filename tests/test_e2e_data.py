@@ -42,7 +42,7 @@ def _write_config(path: Path) -> Path:
     cfg = data_half_config(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()))
     cfg["semantic_filter"] = {"min_clip_score": CLIP_THRESHOLD,
                               "near_dup": {"threshold": NEAR_DUP_THRESHOLD, "cluster_size": 100}}
-    cfg["orchestration"]["shards_per_task"] = 4  # several batches, as at scale
+    cfg["orchestration"]["filter_shards_per_task"] = 4  # several batches, as at scale
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -211,7 +211,7 @@ def test_stages_publish_prefect_artifacts(run):
         assert by_key["pca-explained-variance"].data.startswith("data:image/png;base64,")
         flows = {f.name for f in client.read_flows()}
         assert {"demo", "data_pipeline", "ingest", "basic_filter", "embed", "semantic_filter", "pca"} <= flows
-        # shard work is batched: one check task per orchestration.shards_per_task shards, not one per shard
+        # shard work is batched: one check task per orchestration.filter_shards_per_task shards, not one per shard
         from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId,
                                                     TaskRunFilter, TaskRunFilterName)
 
@@ -221,7 +221,7 @@ def test_stages_publish_prefect_artifacts(run):
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first.id])),
             task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="basic checks")))
         shards = run["records"]["ingest"]["metrics"]["shards"]
-        per_task = run["config"].orchestration.shards_per_task
+        per_task = run["config"].orchestration.filter_shards_per_task
         assert shards > per_task
         assert len(checks) == -(-shards // per_task)
 

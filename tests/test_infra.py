@@ -221,7 +221,7 @@ def test_dockerfile_copy_sources_exist_and_reach_the_context(kind):
         assert (ROOT / src).exists(), f"{kind}: COPY {src}: not in the repository"
         assert not _dockerignored(src), f"{kind}: COPY {src}: excluded by .dockerignore"
     assert not _dockerignored("unclip/flows/data.py")
-    assert _dockerignored(".venv") and _dockerignored("runs/demo")
+    assert _dockerignored(".venv") and _dockerignored("work/demo")
 
 
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))

@@ -53,7 +53,7 @@ def _config(path, lists_dir: str, **orchestration) -> str:
     for s in cfg["sources"]:
         s["url_list"] = f"{lists_dir}/{s['name']}/*.parquet"
     cfg["semantic_filter"] = {"min_clip_score": MIN_CLIP_SCORE, "near_dup": None}
-    cfg["orchestration"].update(shards_per_task=2, **orchestration.pop("orch", {}))
+    cfg["orchestration"].update(filter_shards_per_task=2, **orchestration.pop("orch", {}))
     cfg["ingest"].update(orchestration.pop("ingest", {}))
     path.write_text(yaml.safe_dump(cfg))
     return str(path)

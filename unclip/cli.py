@@ -39,7 +39,7 @@ def _quiet_environment(verbose: bool) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from unclip.config import STAGES
+    from unclip.config import DATA_STAGES
 
     p = argparse.ArgumentParser(prog="unclip", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--workdir", required=True, help="where every output goes (a path or fsspec URI)")
-        sp.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
+        sp.add_argument("--until", choices=DATA_STAGES, default=None, help="stop after this stage")
         sp.add_argument("--verbose", action="store_true", help="also print Prefect's log lines")
         settable(sp)
 

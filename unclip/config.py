@@ -11,13 +11,16 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES: tuple[str, ...] = ("ingest", "basic_filter", "clip", "embed", "semantic_filter", "pca")
-Stage = Literal["ingest", "basic_filter", "clip", "embed", "semantic_filter", "pca"]
+# A stage is a named step of the pipeline, and a name means one operation wherever it appears: the data
+# pipeline runs these in order (``--until``); ``retrain`` runs the training and evaluation stages of
+# ``unclip.train.stages`` (``--stages``), where ``clip`` and ``pca`` are the same operations on a dataset
+# version's training split.
+DATA_STAGES: tuple[str, ...] = ("ingest", "basic_filter", "clip", "embed", "semantic_filter", "pca")
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -30,6 +33,17 @@ def _check_name(v: str) -> str:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # old field name -> new one: a config that still uses the old name fails with the new name
+    _renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in cls._renamed.items():
+                if old in data:
+                    raise ValueError(f"`{old}` was renamed to `{new}`")
+        return data
 
 
 class SourceConfig(_Strict):
@@ -237,8 +251,11 @@ class RayConfig(_Strict):
 
 
 class OrchestrationConfig(_Strict):
-    shards_per_task: int = Field(
-        256, ge=1, description="Shards handled by one Prefect task run in the filter stages (bounds task-run count)."
+    _renamed: ClassVar[dict[str, str]] = {"shards_per_task": "filter_shards_per_task"}
+
+    filter_shards_per_task: int = Field(
+        256, ge=1, description="Shards handled by one Prefect task run in the filter stages (bounds task-run count; "
+        "embed has its own, embed.shards_per_task)."
     )
     max_parallel_tasks: int = Field(2, ge=1, description="Task runs in flight at once in the shard stages.")
     task_runner: Literal["thread", "process", "ray"] = Field(
@@ -463,8 +480,8 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 def stages_until(until: str | None) -> tuple[str, ...]:
     if until is None:
-        return STAGES
-    if until not in STAGES:
-        raise ConfigError(f"--until: unknown stage {until!r}; choose one of {', '.join(STAGES)}")
-    return STAGES[: STAGES.index(until) + 1]
+        return DATA_STAGES
+    if until not in DATA_STAGES:
+        raise ConfigError(f"--until: unknown stage {until!r}; choose one of {', '.join(DATA_STAGES)}")
+    return DATA_STAGES[: DATA_STAGES.index(until) + 1]
 

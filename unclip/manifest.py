@@ -76,9 +76,9 @@ def set_catalog(workdir: str, catalog: str, dataset: str) -> None:
 
 
 def _stage_rank(stage: str) -> int:
-    from unclip.config import STAGES
+    from unclip.config import DATA_STAGES
 
-    return STAGES.index(stage) if stage in STAGES else len(STAGES)
+    return DATA_STAGES.index(stage) if stage in DATA_STAGES else len(DATA_STAGES)
 
 
 @functools.lru_cache(maxsize=1)

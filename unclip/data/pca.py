@@ -504,7 +504,7 @@ class _Reservoir:
         return self.data[: min(self.seen, self.capacity)]
 
 
-def fit_pca(
+def fit_streaming_pca(
     image_batches: Iterable[np.ndarray], n_components: int, *, prefetch_batches: int = 1, **pca_kwargs: Any
 ) -> StreamingPCA:
     """Pass 1: the streaming PCA of a stream of [n, d] image-embedding batches."""
@@ -544,7 +544,7 @@ def fit_pca_quantiser(
         image_batches = (img for img, _ in batches_factory())
     else:
         image_batches = iter(image_batches_factory())
-    pca = fit_pca(image_batches, n_components, prefetch_batches=prefetch_batches, chunk_rows=chunk_rows)
+    pca = fit_streaming_pca(image_batches, n_components, prefetch_batches=prefetch_batches, chunk_rows=chunk_rows)
     n_rows, d = pca.n_rows_, pca.dim
 
     rng_rows, rng_dots, rng_err = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))

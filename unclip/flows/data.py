@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed, wait
 
 from unclip import bookkeeping, catalog, locks, manifest, runners, storage
-from unclip.config import STAGES, ClipModelConfig, EmbedConfig, RunConfig, stages_until
+from unclip.config import DATA_STAGES, ClipModelConfig, EmbedConfig, RunConfig, stages_until
 from unclip.tasks import embed as embed_tasks
 from unclip.tasks import filter as filter_tasks
 from unclip.tasks import ingest as ingest_tasks
@@ -144,7 +144,7 @@ def basic_filter_flow(config: RunConfig, workdir: str) -> dict:
     ingested = manifest.stage(workdir, "ingest")
     shards = _read_index(ingested["outputs"]["shard_index"])
     work = _work_dir(workdir, "basic_filter")
-    batches = list(batched(shards, config.orchestration.shards_per_task))
+    batches = list(batched(shards, config.orchestration.filter_shards_per_task))
     # a few bucket groups per parallel slot: balanced load without a task per bucket
     per_group = max(1, math.ceil(cfg.dedup_buckets / (config.orchestration.max_parallel_tasks * 4)))
     with Progress("basic-filter", len(shards), "basic filter: checking shards") as prog:
@@ -198,7 +198,7 @@ def clip_flow(config: RunConfig, workdir: str) -> dict:
     run_id = f"data-clip-{key}"
     lineage = {"run_id": run_id, "dataset_version": filtered["dataset_version"], "release": "basic_filter",
                "pca_version": None, "code_version": manifest.code_version()}
-    ctx = train_stages.StageContext(run_id, storage.join(workdir, "clip", key), config,
+    ctx = train_stages.StageContext(run_id, storage.join(workdir, "runs", run_id), config,
                                     {"release": "basic_filter", "version": filtered["dataset_version"]},
                                     train, held, catalog=None, lineage=lineage)
     result_uri = storage.join(ctx.run_dir, "clip", "result.json")
@@ -275,7 +275,7 @@ def semantic_filter_flow(config: RunConfig, workdir: str) -> dict:
     embedded = manifest.stage(workdir, "embed")
     shards = _read_index(embedded["outputs"]["shard_index"])
     work = _work_dir(workdir, "semantic_filter")
-    batches = list(batched(shards, config.orchestration.shards_per_task))
+    batches = list(batched(shards, config.orchestration.filter_shards_per_task))
     cells = semantic_tasks.n_cells(embedded["rows_kept"], cfg)
     centroids = semantic_tasks.train_centroids([s["embeddings"] for s in shards if s["rows"]], cells, work)
     with Progress("semantic-filter", len(shards), "semantic filter: shards") as prog:
@@ -342,7 +342,7 @@ def pca_flow(config: RunConfig, workdir: str) -> dict:
     else:
         shards = index.filter(pc.greater(index.column("rows"), 0))
         files = list(zip(shards.column("kept").to_pylist(), shards.column("rows").to_pylist()))
-        fitted = pca_tasks.fit_pca(files, workdir, config.pca, shards.select(["shard", "digest", "rows"]))
+        fitted = pca_tasks.fit_and_save_pca(files, workdir, config.pca, shards.select(["shard", "digest", "rows"]))
     pca_tasks.publish_pca(fitted)
     return _finish_stage(workdir, config, "pca", {
         "rows_in": final["rows_kept"],
@@ -366,7 +366,7 @@ SUBFLOWS: dict[str, Callable[..., dict]] = {
     "semantic_filter": semantic_filter_flow,
     "pca": pca_flow,
 }
-assert tuple(SUBFLOWS) == STAGES
+assert tuple(SUBFLOWS) == DATA_STAGES
 
 
 @flow(name="data_pipeline", flow_run_name=run_name("data-pipeline"))

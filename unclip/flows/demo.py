@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from pathlib import Path
 
 from unclip import catalog, locks, storage
-from unclip.config import STAGES, RunConfig, load_config
+from unclip.config import DATA_STAGES, RunConfig, load_config
 from unclip.data import demo_source
 from unclip.flows.data import data_pipeline
 
@@ -44,7 +44,7 @@ def demo_flow(workdir: str, config: RunConfig | None = None, size: int = 2000, s
     spec = demo_source.load_demo(out_dir)
     with spec.server():
         records = data_pipeline(config=config, workdir=workdir, until=until)
-    if until == STAGES[-1]:  # the whole story: the kept set is released as a dataset version
+    if until == DATA_STAGES[-1]:  # the whole story: the kept set is released as a dataset version
         where = catalog.catalog_uri(config, workdir)
         with locks.refresh_lock(config.name, where, timeout_s=60.0):
             release = catalog.publish_dataset(where, workdir, records, config)

@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from unclip import catalog, locks, preflight, storage
-from unclip.config import STAGES, load_config, resolve_config_path
+from unclip.config import DATA_STAGES, load_config, resolve_config_path
 from unclip.flows.data import data_pipeline
 from unclip.tasks.common import publish_markdown
 
@@ -30,7 +30,7 @@ def _refresh_name() -> str:
 
 
 @flow(name="data-refresh", flow_run_name=_refresh_name)
-def data_refresh(config: str = "configs/demo.yaml", workdir: str = "runs/demo",
+def data_refresh(config: str = "configs/demo.yaml", workdir: str = "work/demo",
                  overrides: dict[str, Any] | None = None, demo: bool = False,
                  lock_timeout_s: float = 6 * 3600) -> dict:
     """Refresh a dataset from its sources' URL-list locations and publish a new version if it changed.
@@ -48,7 +48,7 @@ def data_refresh(config: str = "configs/demo.yaml", workdir: str = "runs/demo",
     cfg = load_config(resolve_config_path(config), overrides, variables={"workdir": workdir})
     preflight.check_environment()
     if not demo:  # the demo's lists may not exist before its data is generated (under the lock)
-        preflight.check_config(cfg, STAGES)
+        preflight.check_config(cfg, DATA_STAGES)
     where = catalog.catalog_uri(cfg, workdir)
     log.info("waiting for the refresh lock of dataset %r (catalog %s)", cfg.name, where)
     with locks.refresh_lock(cfg.name, where, timeout_s=lock_timeout_s) as lock:
@@ -56,7 +56,7 @@ def data_refresh(config: str = "configs/demo.yaml", workdir: str = "runs/demo",
         log.info("holding %s", lock)
         with _demo_server(workdir, cfg) if demo else contextlib.nullcontext():
             if demo:
-                preflight.check_config(cfg, STAGES)
+                preflight.check_config(cfg, DATA_STAGES)
             records = data_pipeline(config=cfg, workdir=workdir, lock_timeout_s=lock_timeout_s)
         ctx = {"flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name}
         release = catalog.publish_dataset(where, workdir, records, cfg, flow_run=ctx)

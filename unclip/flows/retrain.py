@@ -57,7 +57,7 @@ class RetrainParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     config: str = Field("configs/demo.yaml", description="Run config YAML (relative to the project root, or absolute).")
-    workdir: str = Field("runs/demo", description="The dataset's working directory (holds its catalog by default).")
+    workdir: str = Field("work/demo", description="The dataset's working directory (holds its catalog by default).")
     dataset_version: str = Field("latest", description="'latest', a release name (v000003) or a version (ds-...).")
     stages: list[StageName] = Field(default_factory=lambda: list(stages.names()),
                                     description="Stages to run, in pipeline order.")
@@ -81,7 +81,7 @@ class EvaluateParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     run_id: str = Field(description="The run to evaluate (see `unclip runs`).")
-    workdir: str = Field("runs/demo", description="The dataset's working directory.")
+    workdir: str = Field("work/demo", description="The dataset's working directory.")
     catalog: str | None = Field(None, description="The catalog holding the run; default: the workdir's.")
     config: str | None = Field(None, description="Config YAML; default: the one the run was made with.")
     stages: list[EvalName] = Field(default_factory=lambda: list(stages.names("eval")))

@@ -22,7 +22,7 @@ from unclip.tasks.common import artifact_key, in_prefect_run
 
 
 @task(name="fit-pca-quantiser", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def fit_pca(files: list[tuple[str, int]], workdir: str, cfg: PcaConfig, fit_shards: pa.Table) -> dict:
+def fit_and_save_pca(files: list[tuple[str, int]], workdir: str, cfg: PcaConfig, fit_shards: pa.Table) -> dict:
     """Fit on at most ``cfg.max_rows`` sampled rows of ``files`` ((uri, rows) pairs); ``fit_shards``
     (shard, digest, rows) is saved beside the model, to measure later how much the data moved."""
     if not files:

@@ -87,19 +87,19 @@ def _file_rows(files: pa.Table) -> list[tuple[str, int]]:
     return list(zip(files.column("kept").to_pylist(), files.column("rows").to_pylist()))
 
 
-def _fit_pca(ctx: StageContext) -> dict:
+def _stage_pca(ctx: StageContext) -> dict:
     from unclip.tasks import pca as pca_tasks
 
     if ctx.train_files.num_rows == 0:
         raise ValueError("pca: the training split of the dataset version is empty")
-    fitted = pca_tasks.fit_pca.fn(_file_rows(ctx.train_files), ctx.run_dir, ctx.config.pca,
+    fitted = pca_tasks.fit_and_save_pca.fn(_file_rows(ctx.train_files), ctx.run_dir, ctx.config.pca,
                                   ctx.train_files.select(["shard", "digest", "rows"]))
     pca_tasks.publish_pca(fitted)
     return {"outputs": {"pca": fitted["uri"], "report": fitted["report_uri"], "plot": fitted["plot_uri"]},
             "metrics": {"pca_version": fitted["version"], **fitted["report"]}}
 
 
-def _eval_pca(ctx: StageContext) -> dict:
+def _stage_eval_pca(ctx: StageContext) -> dict:
     uri = (ctx.previous.get("pca") or {}).get("outputs", {}).get("pca") or ctx.release.get("pca")
     if not uri:
         raise ValueError("eval_pca: neither this run nor its dataset version has a PCA")
@@ -123,7 +123,7 @@ def _eval_pca(ctx: StageContext) -> dict:
         "heldout_relative_mse_pca_quantised": err_q / sq, "codes_round_trip": exact / n}}
 
 
-def _eval_retrieval(ctx: StageContext) -> dict:
+def _stage_eval_retrieval(ctx: StageContext) -> dict:
     files = sorted(ctx.eval_files.column("kept").to_pylist())
     if not files:
         raise ValueError("eval_retrieval: the held-out split is empty")
@@ -162,7 +162,7 @@ def _eval_retrieval(ctx: StageContext) -> dict:
     return {"outputs": {}, "metrics": metrics}
 
 
-def _train_clip(ctx: StageContext) -> dict:
+def _stage_clip(ctx: StageContext) -> dict:
     """In-process CLIP training (``retrain`` launches ``unclip.train.clip`` under torchrun instead)."""
     from unclip.train import clip as clip_train
 
@@ -172,8 +172,8 @@ def _train_clip(ctx: StageContext) -> dict:
             "metrics": done.metrics, "model": {"kind": "clip", **done.release}}
 
 
-register(Stage("clip", "train", _train_clip, "CLIP (open_clip) on the mix of every source, released as a model "
+register(Stage("clip", "train", _stage_clip, "CLIP (open_clip) on the mix of every source, released as a model "
                "version", gpu=True, module="unclip.train.clip"))
-register(Stage("pca", "train", _fit_pca, "PCA (319 of 1024) + 1024-bucket quantiser for the AR prior"))
-register(Stage("eval_pca", "eval", _eval_pca, "held-out reconstruction error of the PCA + quantiser"))
-register(Stage("eval_retrieval", "eval", _eval_retrieval, "held-out image<->text recall@k of the CLIP"))
+register(Stage("pca", "train", _stage_pca, "PCA (319 of 1024) + 1024-bucket quantiser for the AR prior"))
+register(Stage("eval_pca", "eval", _stage_eval_pca, "held-out reconstruction error of the PCA + quantiser"))
+register(Stage("eval_retrieval", "eval", _stage_eval_retrieval, "held-out image<->text recall@k of the CLIP"))
