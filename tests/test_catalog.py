@@ -154,13 +154,13 @@ def test_unclip_datasets_and_runs_list_the_catalog(tmp_path, capsys):
     catalog.save_run(str(tmp_path / "catalog"), {
         "run_id": "run-1", "state": "completed", "release": release["release"], "dataset_version": release["version"],
         "pca_version": "pca-x", "code_version": "0.1.0", "started_at": "2026-01-01T00:00:00+00:00",
-        "metrics": {"eval_retrieval/image_to_text_recall@5": 0.25, "pca/rows": 10}})
+        "metrics": {"eval_retrieval/i2t_recall@5": 0.25, "pca/rows": 10}})
     assert cli.main(["datasets", "--workdir", w]) == 0
     out = capsys.readouterr().out
     assert "v000001" in out and release["version"] in out and "10" in out
     assert cli.main(["runs", "--workdir", w]) == 0
     out = capsys.readouterr().out
-    assert "run-1" in out and "completed" in out and "image_to_text_recall@5 0.25" in out and "pca/rows" not in out
+    assert "run-1" in out and "completed" in out and "i2t_recall@5 0.25" in out and "pca/rows" not in out
     assert cli.main(["runs", "--workdir", w, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["pca_version"] == "pca-x"
 
@@ -251,8 +251,8 @@ def test_retrieval_eval_streams_galleries_and_scores_true_pairs(tmp_path):
 
     good, bad = run(False), run(True)
     assert (good["heldout_pairs"], good["galleries"]) == (1501, 2)
-    assert good["image_to_text_recall@1"] == good["text_to_image_recall@1"] == 1.0
-    assert bad["image_to_text_recall@10"] < 0.05  # chance: 10 / gallery size
+    assert good["i2t_recall@1"] == good["t2i_recall@1"] == 1.0
+    assert bad["i2t_recall@10"] < 0.05  # chance: 10 / gallery size
 
 
 def test_gc_sweeps_old_orphans_but_not_recent_or_listed_files(tmp_path):

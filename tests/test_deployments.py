@@ -188,7 +188,7 @@ def test_retrain_and_evaluate_through_their_deployments(service, first):
     assert len(runs) == 1 and runs[0]["state"] == "completed" and runs[0]["name"] == "ci"
     latest = catalog.latest(str(workdir / "catalog"), "demo")
     assert runs[0]["dataset_version"] == latest["version"]
-    assert 0 <= runs[0]["metrics"]["eval_retrieval/image_to_text_recall@10"] <= 1
+    assert 0 <= runs[0]["metrics"]["eval_retrieval/i2t_recall@10"] <= 1
     assert runs[0]["metrics"]["clip/steps"] == 3 and runs[0]["config"]["train"]["clip"]["batch_size"] == 16
     assert [m["version"] for m in catalog.models(str(workdir / "catalog"), "clip")] == [runs[0]["models"]["clip"]]
     ev = _wait(server, _trigger(service, "evaluate", {"params": {"workdir": str(workdir),

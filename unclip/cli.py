@@ -313,7 +313,7 @@ def list_catalog(args) -> int:
 
 
 MODEL_KEY_METRICS = ("t2i_recall@5", "i2t_recall@5", "zeroshot_colour_acc", "zeroshot_shape_acc")
-KEY_METRICS = ("heldout_relative_mse_pca_quantised", "t2i_recall@5", "zeroshot_colour_acc", "image_to_text_recall@5", "text_to_image_recall@5",
+KEY_METRICS = ("heldout_relative_mse_pca_quantised", "t2i_recall@5", "i2t_recall@5", "zeroshot_colour_acc",
                "explained_variance_ratio_kept")
 
 

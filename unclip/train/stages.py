@@ -12,7 +12,8 @@ Registered here, on what the data half produces:
 - ``eval_pca`` (eval): relative reconstruction error of the run's PCA (or the version's) on the
   held-out shards, alone and with quantisation, and how many codes round-trip.
 - ``eval_retrieval`` (eval): image->text and text->image recall@k of the stored CLIP embeddings on
-  held-out pairs, in galleries of ``GALLERY`` pairs (chance is k/GALLERY).
+  held-out pairs, in galleries of ``GALLERY`` pairs (``unclip.data.retrieval``, as ``clip``'s own
+  evaluation; chance beside them).
 - ``clip`` (train, GPU, under torchrun): CLIP on the training split's pairs of every source
   (``unclip.train.clip``), evaluated on the held-out split and released as a model version.
 """
@@ -30,10 +31,7 @@ import pyarrow as pa
 from unclip import storage
 from unclip.config import RunConfig
 from unclip.data import embeddings, pca
-
-GALLERY = 1000
-RECALL_AT = (1, 5, 10)
-
+from unclip.data.retrieval import GALLERY, RecallCounter
 
 @dataclass
 class StageContext:
@@ -127,39 +125,13 @@ def _stage_eval_retrieval(ctx: StageContext) -> dict:
     files = sorted(ctx.eval_files.column("kept").to_pylist())
     if not files:
         raise ValueError("eval_retrieval: the held-out split is empty")
-    hits = {f"{d}_recall@{k}": 0 for d in ("image_to_text", "text_to_image") for k in RECALL_AT}
-    n = galleries = 0
-    score_sum = 0.0
-
-    def score(img: np.ndarray, txt: np.ndarray) -> None:
-        nonlocal n, galleries, score_sum
-        sims = img @ txt.T
-        for d, s in (("image_to_text", sims), ("text_to_image", sims.T)):
-            # rank of the true pair: how many candidates score strictly higher
-            rank = (s > np.diag(s)[:, None]).sum(axis=1)
-            for k in RECALL_AT:
-                hits[f"{d}_recall@{k}"] += int((rank < k).sum())
-        n, galleries, score_sum = n + len(img), galleries + 1, score_sum + float((img * txt).sum())
-
-    # streamed: galleries of GALLERY pairs in file order, so memory is set by GALLERY, not the split
-    held: list[pa.RecordBatch] = []
-    rows = 0
+    recall = RecallCounter()
     for batch in storage.parquet_dataset(files).to_batches(columns=["image_emb", "text_emb"], batch_size=GALLERY):
-        held.append(batch)
-        rows += batch.num_rows
-        while rows >= GALLERY:
-            table = pa.Table.from_batches(held)
-            first, rest = table.slice(0, GALLERY), table.slice(GALLERY)
-            score(*(embeddings.to_numpy(first.column(c)).astype(np.float32) for c in ("image_emb", "text_emb")))
-            held, rows = rest.to_batches(), rest.num_rows
-    if rows >= 2 or n == 0:
-        if rows < 2:
-            raise ValueError(f"eval_retrieval: {rows} held-out pairs; at least 2 are needed")
-        table = pa.Table.from_batches(held)
-        score(*(embeddings.to_numpy(table.column(c)).astype(np.float32) for c in ("image_emb", "text_emb")))
-    metrics = {k: v / n for k, v in hits.items()}
-    metrics.update(heldout_pairs=n, gallery=min(GALLERY, n), galleries=galleries, mean_clip_score=score_sum / n)
-    return {"outputs": {}, "metrics": metrics}
+        recall.add(*(embeddings.to_numpy(batch.column(c)) for c in ("image_emb", "text_emb")))
+    try:
+        return {"outputs": {}, "metrics": recall.result()}
+    except ValueError as e:
+        raise ValueError(f"eval_retrieval: {e}") from None
 
 
 def _stage_clip(ctx: StageContext) -> dict:
