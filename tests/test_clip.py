@@ -96,7 +96,7 @@ def test_retrain_clip_publishes_a_model_that_plain_open_clip_loads(tmp_path, pre
     config = load_config(cfg_path, variables={"workdir": str(w)})
     release = publish_pairs_release(w, config, {"clip": 64, "dalle": 48}, samples_per_shard=16)
     assert cli.main(["retrain", "--workdir", str(w), "--config", str(cfg_path), "--stages", "clip",
-                     "--set", "train.clip.steps=4"]) == 0
+                     "--set", "train.clip.steps=4", "--set", "train.clip.eval_every=2"]) == 0
     out = capsys.readouterr().out
     run_id = out.strip().splitlines()[-1]
     run = catalog.get_run(str(w / "catalog"), run_id)
@@ -114,8 +114,14 @@ def test_retrain_clip_publishes_a_model_that_plain_open_clip_loads(tmp_path, pre
     assert {"kind", "version", "uri", "run_id", "created_at", "dataset_version", "code_version", "metrics"} <= set(model)
     assert model["kind"] == "clip" and model["run_id"] == run_id and model["dataset_version"] == release["version"]
     assert run["models"]["clip"] == model["version"]
-    # TensorBoard event files under the run folder
-    assert list((Path(run["run_dir"]) / "clip" / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard event files under the run folder, with the held-out metrics every eval_every steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run["run_dir"]) / "clip" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("clip/eval/t2i_recall@5")] == [2, 4]
+    history = json.loads((Path(run["run_dir"]) / "clip" / "eval_history.json").read_text())
+    assert [e["step"] for e in history] == [2, 4] and history[-1]["t2i_recall@5"] == m["clip/t2i_recall@5"]
     # plain open_clip: register the json, load the safetensors
     folder = Path(model["uri"])
     open_clip.add_model_config(folder / "unclip-tiny.json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import signal
 import subprocess
@@ -128,6 +129,63 @@ def test_resume_continues_to_the_same_weights(tmp_path):
     again = tr.Trainer(ToyTask(), _cfg(), str(tmp_path / "cut")).run()
     assert again.step == 12 and again.resumed_from == 12
     assert len(glob.glob(str(tmp_path / "cut" / "checkpoints" / "*.pt"))) == 2  # keep_checkpoints
+
+
+class _EvalToy(ToyTask):
+    """ToyTask with a held-out evaluation that draws from the global RNGs, as a real one may."""
+
+    def evaluate(self, model):
+        x, y = self.global_batch(10_000, 64)
+        noise = torch.randn(1).item()  # would shift every later draw if the trainer did not restore the RNG
+        with torch.no_grad():
+            return {"mse": float(torch.nn.functional.mse_loss(model(x), y)), "noise": noise, "label": "not a number"}
+
+
+class _Masked(torch.nn.Module):
+    """A layer with a constant -inf buffer outside the state dict, like open_clip's causal mask."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(d, d)
+        self.register_buffer("mask", torch.tensor([0.0] + [float("-inf")] * (d - 1)), persistent=False)
+
+    def forward(self, x):
+        return self.linear(x) + self.mask.exp()
+
+
+class _MaskedEvalToy(_EvalToy):
+    def build_model(self, cfg):
+        return torch.nn.Sequential(super().build_model(cfg), _Masked(cfg["d_out"]))
+
+
+def test_the_ema_copies_constant_buffers_instead_of_averaging_them(tmp_path):
+    t = tr.Trainer(_MaskedEvalToy(), _cfg(eval_every=4), str(tmp_path))
+    t.run()
+    assert [e["step"] for e in t.eval_history()] == [4, 8, 12]
+    assert all(math.isfinite(e["mse"]) for e in t.eval_history())  # averaging -inf with -inf gives NaN
+
+
+def test_periodic_evaluation_is_logged_and_changes_nothing_in_the_training(tmp_path):
+    plain = tr.Trainer(ToyTask(), _cfg(), str(tmp_path / "plain")).run()
+    evaluated = tr.Trainer(_EvalToy(), _cfg(eval_every=3), str(tmp_path / "eval")).run()
+    a, b = tr.load_checkpoint(plain.checkpoint), tr.load_checkpoint(evaluated.checkpoint)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    history = json.loads((tmp_path / "eval" / "eval_history.json").read_text())
+    assert [e["step"] for e in history] == [3, 6, 9, 12]  # and the last step
+    assert history[-1]["mse"] < history[0]["mse"] and "label" not in history[0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "eval" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("toy/eval/mse")] == [3, 6, 9, 12]
+    # a run stopped in step 7 (checkpoint 4) forgets its evaluation at 6 and makes it again
+    with pytest.raises(tr.NonFiniteLossError, match="step 6"):
+        tr.Trainer(_EvalToy(nan_at=6), _cfg(eval_every=3), str(tmp_path / "cut")).run()
+    assert [e["step"] for e in json.loads((tmp_path / "cut" / "eval_history.json").read_text())] == [3, 6]
+    resumed = tr.Trainer(_EvalToy(), _cfg(eval_every=3), str(tmp_path / "cut"))
+    resumed.run()
+    assert [(e["step"], e["mse"]) for e in resumed.eval_history()] == [(e["step"], e["mse"]) for e in history]
 
 
 def test_nan_loss_stops_with_a_clear_error_and_no_new_checkpoint(tmp_path):

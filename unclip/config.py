@@ -305,6 +305,10 @@ class StageTrainConfig(_Strict):
                                   "exit).")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are removed.")
     log_every: int = Field(10, ge=1, description="Steps between TensorBoard scalars and progress updates.")
+    eval_every: int | None = Field(
+        None, ge=1, description="Steps between held-out evaluations during training (TensorBoard `<stage>/eval/*`, "
+        "`eval_history.json`); None: only the evaluation after the last step. Each costs one pass over the "
+        "held-out split on rank 0.")
     seed: int = Field(0, description="Seeds the model's initialisation, the data order and augmentation.")
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes decoding images per process.")
 

@@ -46,9 +46,9 @@ class ClipTask:
 
     name = "clip"
 
-    def __init__(self, cfg: ClipTrainConfig, train_files: pa.Table) -> None:
+    def __init__(self, cfg: ClipTrainConfig, train_files: pa.Table, eval_files: pa.Table | None = None) -> None:
         self.cfg = cfg
-        self.train_files = train_files
+        self.train_files, self.eval_files = train_files, eval_files
         self.counts: dict[str, int] = {}
         self.positions: dict[int, int] = {}
         self.consumed = 0
@@ -74,6 +74,13 @@ class ClipTask:
                 model_config["arch"], pretrained=pretrained)
         self.tokenizer = open_clip.get_tokenizer(model_config["arch"])
         return model
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Held-out recall and zero-shot accuracy (the trainer calls it every ``eval_every`` steps)."""
+        if self.eval_files is None or not self.eval_files.num_rows:
+            return {}
+        device = next(model.parameters()).device
+        return evaluate(model, self.preprocess_val, self.tokenizer, self.eval_files, device=device)
 
     def batches(self, micro_batch: int, start: int, ctx: distributed.DistContext) -> Iterator[dict]:
         import open_clip
@@ -173,7 +180,7 @@ def train_clip(cfg: ClipTrainConfig, train_files: pa.Table, eval_files: pa.Table
                lineage: dict | None = None, strategy: str = "ddp", ctx: distributed.DistContext | None = None,
                on_progress=None) -> ClipRun | None:
     """Train, then (rank 0) evaluate the released weights and write the release folder."""
-    task = ClipTask(cfg, train_files)
+    task = ClipTask(cfg, train_files, eval_files)
     trainer = Trainer(task, cfg, out_dir, lineage=lineage, strategy=strategy, ctx=ctx, on_progress=on_progress)
     result = trainer.run()
     if not trainer.main:
@@ -187,7 +194,10 @@ def train_clip(cfg: ClipTrainConfig, train_files: pa.Table, eval_files: pa.Table
     else:
         model.load_state_dict(state["model"])
     metrics: dict[str, Any] = {}
-    if eval_files.num_rows:
+    history = trainer.eval_history()
+    if history and history[-1]["step"] == result.step:  # the trainer evaluated these weights already
+        metrics.update({k: v for k, v in history[-1].items() if k not in ("step", "seconds")})
+    elif eval_files.num_rows:
         metrics.update(evaluate(model, task.preprocess_val, task.tokenizer, eval_files, device=trainer.ctx.device))
     seen = sum(task.counts.values())
     metrics.update({f"mix/{s}": n / seen for s, n in sorted(task.counts.items())} if seen else {})

@@ -18,7 +18,10 @@ micro-batches that can start at a given position, and its loss. Everything else 
 - a guard that stops on a non-finite loss or gradient with a clear error, before the optimiser step,
   so the last checkpoint stays the last good one;
 - TensorBoard scalars (``<out>/tensorboard``) and a ``progress.json`` that the Prefect side turns into
-  a progress artifact (a torchrun worker has no Prefect context of its own).
+  a progress artifact (a torchrun worker has no Prefect context of its own);
+- held-out evaluation every ``eval_every`` steps when the task has an ``evaluate``, on the weights it
+  would release (the EMA's), with the RNG states put back afterwards so it changes nothing in the
+  training; the metrics go to TensorBoard (``<stage>/eval/*``) and ``eval_history.json``.
 
 Distributed: ``batch_size`` is the global batch; each of ``world_size`` processes takes
 ``batch_size / (world_size * grad_accum)`` samples per micro-batch. Rank 0 writes checkpoints, logs
@@ -70,6 +73,9 @@ class TrainTask(Protocol):
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """The mean loss of a micro-batch and scalars to log (averaged over the logging window)."""
 
+    # Optional: ``evaluate(model) -> dict[str, float]``, held-out metrics of the unwrapped (EMA when
+    # there is one) model in eval mode, called on rank 0 every ``eval_every`` steps.
+
 
 @dataclass
 class TrainResult:
@@ -106,6 +112,13 @@ def ema_avg_fn(decay: float) -> Callable:
                 e.copy_(c)
 
     return update
+
+
+def non_persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Buffers left out of the state dict (open_clip's causal attention mask, full of -inf): constants
+    derived from the config, not state. The EMA copies them; averaging one gives -inf - -inf = NaN."""
+    return [(f"{prefix}.{name}" if prefix else name, buf) for prefix, sub in module.named_modules()
+            for name, buf in sub.named_buffers(recurse=False) if name in sub._non_persistent_buffers_set]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -207,6 +220,8 @@ class Trainer:
         # after wrapping: under FSDP the EMA copies the sharded parameters (each rank averages its shard)
         ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(cfg.ema_decay), use_buffers=True) \
             if cfg.ema_decay is not None else None
+        model_constants = non_persistent_buffers(model)
+        ema_constants = non_persistent_buffers(ema.module) if ema is not None else []
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr_at(0, cfg), betas=cfg.betas,
                                       eps=cfg.eps, fused=False)
         step, resumed_from = 0, None
@@ -222,6 +237,7 @@ class Trainer:
             step = resumed_from = int(state["step"])
             _set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
         writer = self._writer()
+        self._trim_eval_history(step)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else \
             torch.autocast("cpu", enabled=False)
         stop = {"signal": None}
@@ -266,6 +282,8 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update_parameters(model)
+                    for (_, e), (_, c) in zip(ema_constants, model_constants):
+                        e.copy_(c)
                 step += 1
                 samples += cfg.batch_size
                 scalars.update(loss=float(mean_loss), lr=lr, grad_norm=float(grad_norm))
@@ -280,6 +298,8 @@ class Trainer:
                     window, window_n, t0, samples = {}, 0, time.perf_counter(), 0
                 if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     last_ckpt, saved_step = self._save(step, wrapped, optimizer, ema, model_config), step
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    self._evaluate(writer, step, ema.module if ema is not None else model)
                 if stop["signal"] is not None:
                     raise _StopRequested()
             finished_cleanly = True
@@ -319,6 +339,41 @@ class Trainer:
         self._progress(step, scalars)
         if self.on_progress is not None:
             self.on_progress(step, self.cfg.steps, scalars)
+
+    def _eval_history_uri(self) -> str:
+        return storage.join(self.out_dir, "eval_history.json")
+
+    def eval_history(self) -> list[dict]:
+        """The held-out evaluations made during training: ``[{"step": n, metric: value, ...}, ...]``."""
+        uri = self._eval_history_uri()
+        return storage.read_json(uri) if storage.exists(uri) else []
+
+    def _trim_eval_history(self, step: int) -> None:
+        """On (re)start: drop evaluations past the checkpoint resumed from (a killed run may have made
+        some); the resumed run makes them again at the same steps."""
+        uri = self._eval_history_uri()
+        if self.main and storage.exists(uri):
+            storage.write_json(uri, [e for e in storage.read_json(uri) if e["step"] <= step])
+
+    def _evaluate(self, writer, step: int, model: nn.Module) -> None:
+        if not self.main or not hasattr(self.task, "evaluate"):
+            return
+        if self.strategy == "fsdp" and self.ctx.world_size > 1:
+            return  # the EMA holds this rank's shards only; the stage's final evaluation runs on the full weights
+        rng = _rng_state()
+        was_training = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        try:
+            metrics = {k: float(v) for k, v in self.task.evaluate(model).items() if isinstance(v, (int, float))}
+        finally:
+            model.train(was_training)
+            _set_rng_state(rng)
+        metrics["seconds"] = time.perf_counter() - t0
+        for k, v in metrics.items():
+            writer.add_scalar(f"{self.task.name}/eval/{k}", v, step)
+        writer.flush()
+        storage.write_json(self._eval_history_uri(), [*self.eval_history(), {"step": step, **metrics}])
 
     def _progress(self, step: int, scalars: dict) -> None:
         if self.main:
