@@ -71,6 +71,33 @@ def test_training_stream_resumes_exactly_and_mixes_sources_equally(tmp_path, wor
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
 
 
+def test_a_resumed_stream_does_not_read_the_shards_it_trained_on(tmp_path, monkeypatch):
+    files = make_pair_shards(tmp_path, {"clip": 96, "dalle": 96}, samples_per_shard=4)  # 48 shards
+    opened: list[str] = []
+    real = pairs.ShardFiles.samples
+
+    def counting(self, tar):
+        opened.append(tar)
+        return real(self, tar)
+
+    monkeypatch.setattr(pairs.ShardFiles, "samples", counting)
+
+    def stream(positions=None):
+        ds = pairs.TrainPairs(files, preprocess=_ident, tokenizer=_tok, batch_size=4, rank=0, world_size=1,
+                              num_workers=1, seed=5, shuffle_buffer=3, positions=positions)
+        return iter(pairs.train_loader(ds, 0))
+
+    full = list(itertools.islice(stream(), 36))
+    before = len(opened)
+    opened.clear()
+    cut = 30  # 120 of 192 samples: most shards of the epoch are behind
+    resumed = list(itertools.islice(stream({0: full[cut - 1]["position"]}), 36 - cut))
+    for a, b in zip(full[cut:], resumed):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+    # the shards the buffers held (3 per source at most) and the ones read after the cut
+    assert len(set(opened)) <= 2 * 3 + 8 < before, (len(set(opened)), before)
+
+
 def test_source_weights_name_known_sources(tmp_path):
     files = make_pair_shards(tmp_path, {"clip": 8, "dalle": 8}, samples_per_shard=8)
     with pytest.raises(ValueError, match="no training rows: \\['laion'\\]"):

@@ -3,19 +3,22 @@
 A release (or the basic filter's index, when CLIP trains inside the data pipeline) lists per shard its
 ``source``, ``tar`` and ``kept`` Parquet (the kept rows' ``key`` and ``caption``, and for a release
 their embeddings). ``TrainPairs`` turns such a table into an endless, seeded stream of training
-samples in open_clip's style, as a visible chain of named stages per source::
+samples in open_clip's style, per source::
 
-    shard list -> epoch-seeded shard shuffle -> split by node and worker -> open through fsspec
-      -> tar to samples -> keep the rows the table lists -> sample shuffle buffer
+    shard list -> epoch-seeded shard shuffle -> split by node and worker -> plan (shard, n-th kept
+      sample; from the row counts) -> open through fsspec -> tar to samples (webdataset's expander
+      and grouper) -> keep the rows the table lists (caption from the kept Parquet) -> shuffle buffer
 
 then mixes the sources with the configured probabilities (equal by default, whatever their sizes:
 the paper's 50/50 mix of "CLIP data" and "DALL-E data"), and only then decodes (a bad sample is
 logged and skipped) and preprocesses, with augmentation seeded per sample.
 
 Exact resume: every batch carries the position of the raw (undecoded) mixed stream it ends at and the
-logical worker that made it. A resumed stream replays the raw stream up to that position without
-decoding, and the workers are rotated so the batch after the last one consumed comes first. The cost
-of a resume is reading (not decoding) the samples already trained on, once per worker.
+logical worker that made it. A source's stream is planned from the kept-row counts before any shard
+is read, and the shuffle buffers and the mix run on the plan, so a resumed stream replays its
+position without I/O (RNG calls only), reads back the samples its shuffle buffers held and continues
+in the current shard; the workers are rotated so the batch after the last one consumed comes first.
+Shards already trained on are not opened again, whatever the size of the dataset.
 
 ``HeldOutPairs`` is the evaluation reader: one deterministic pass over a table of shards (no mixing,
 no augmentation), with each sample's tar metadata (``json``), e.g. the demo's ``scene_json``.
@@ -101,10 +104,12 @@ class TrainPairs(torch.utils.data.IterableDataset):
                  source_weights: dict[str, float] | None = None, positions: dict[int, int] | None = None,
                  rotation: int = 0) -> None:
         super().__init__()
-        self.keep = kept_rows(files)
+        # per shard its kept Parquet and row count; captions are read shard by shard as the stream
+        # reaches it (memory follows the shard count, not the row count)
+        self.shard_files = ShardFiles(files)
         by_source: dict[str, list[str]] = {}
         for source, tar in zip(files.column("source").to_pylist(), files.column("tar").to_pylist()):
-            if self.keep[tar]:
+            if self.shard_files.rows[tar]:
                 by_source.setdefault(source, []).append(tar)
         weights = source_weights or {s: 1.0 for s in by_source}
         unknown = sorted(set(weights) - set(by_source))
@@ -123,8 +128,13 @@ class TrainPairs(torch.utils.data.IterableDataset):
         self.positions = dict(positions or {})
         self.rotation = rotation
 
-    # -- the raw, undecoded stream of one source for one (rank, logical worker) slot ----------------
-    def _source_stream(self, source: str, slot: int, slots: int) -> Iterator[dict]:
+    # -- the raw, undecoded stream of one (rank, logical worker) slot ------------------------------------
+    # Planned, then read: a source's stream is first a plan of (epoch, tar, n-th kept sample of that
+    # tar) entries, made from the kept-row counts alone, with no I/O. The shuffle buffers and the
+    # source mix run on plan entries, so a resumed stream replays its position on the plan (RNG calls,
+    # microseconds a sample), then reads only what it still needs: the samples sitting in the shuffle
+    # buffers and the rest of the current shard. Shards already trained on are never opened again.
+    def _source_plan(self, source: str, slot: int, slots: int) -> Iterator[tuple[int, str, int]]:
         shards = self.shards[source]
         epoch = 0
         while True:
@@ -134,42 +144,49 @@ class TrainPairs(torch.utils.data.IterableDataset):
                 mine, every = ordered[slot::slots], 1
             else:  # fewer shards than readers: every reader takes every shard, one sample in `slots`
                 mine, every = ordered, slots
-            samples = tar_samples(open_shards({"url": u} for u in mine))
             n = 0
-            for sample in samples:
-                if sample["__key__"] not in self.keep[sample["__url__"]]:
-                    continue
-                if every > 1 and n % every != slot:
-                    n += 1
-                    continue
-                n += 1
-                sample["__source__"] = source
-                yield sample
+            for tar in mine:
+                kept = self.shard_files.rows[tar]
+                first = (slot - n) % every  # this slot's first sample of the shard, then every `every`
+                yield from ((epoch, tar, i) for i in range(first, kept, every))
+                n += kept
             epoch += 1
 
-    def _shuffled(self, stream: Iterator[dict], rng: random.Random) -> Iterator[dict]:
-        buf: list[dict] = []
-        for sample in stream:
-            buf.append(sample)
-            if len(buf) >= self.shuffle_buffer:
-                i = rng.randrange(len(buf))
-                buf[i], buf[-1] = buf[-1], buf[i]
-                yield buf.pop()
+    @staticmethod
+    def _shuffle_step(plan: Iterator, buf: list, rng: random.Random, size: int):
+        """One draw from a shuffle buffer of ``size`` fed by ``plan`` (open_clip's ``_shuffle``)."""
+        buf.append(next(plan))
+        while len(buf) < size:
+            buf.append(next(plan))
+        i = rng.randrange(len(buf))
+        buf[i], buf[-1] = buf[-1], buf[i]
+        return buf.pop()
 
-    def raw_stream(self, logical_worker: int) -> Iterator[dict]:
-        """The mixed, undecoded samples of one logical worker of this rank, in order."""
+    def raw_stream(self, logical_worker: int, position: int = 0) -> Iterator[dict]:
+        """The mixed, undecoded samples of one logical worker of this rank, after its first ``position``."""
         slots = self.world_size * self.num_workers
         slot = self.rank * self.num_workers + logical_worker
-        streams = [self._shuffled(self._source_stream(s, slot, slots),
-                                  random.Random(_stable_seed(self.seed, "buffer", s, slot)))
-                   for s in self.sources]
+        plans = [self._source_plan(s, slot, slots) for s in self.sources]
+        rngs = [random.Random(_stable_seed(self.seed, "buffer", s, slot)) for s in self.sources]
+        bufs: list[list] = [[] for _ in self.sources]
         pick = random.Random(_stable_seed(self.seed, "mix", slot))
         idx = list(range(len(self.sources)))
+        size = max(1, self.shuffle_buffer)
+        for _ in range(position):  # replay on the plan: no I/O
+            j = pick.choices(idx, self.probs)[0]
+            self._shuffle_step(plans[j], bufs[j], rngs[j], size)
+        # what the buffers hold is read back (a few recent shards); the plans continue from here
+        held = _read_entries([e for b in bufs for e in b], self.shard_files)
+        bufs = [[held[e] for e in b] for b in bufs]
+        readers = [_PlanReader(plan, self.shard_files) for plan in plans]
         while True:
-            yield next(streams[pick.choices(idx, self.probs)[0]])
+            j = pick.choices(idx, self.probs)[0]
+            sample = self._shuffle_step(readers[j], bufs[j], rngs[j], size)
+            sample["__source__"] = self.sources[j]
+            yield sample
 
     def _to_tensors(self, sample: dict, position: int) -> dict:
-        caption = self.keep[sample["__url__"]][sample["__key__"]]
+        caption = sample["__caption__"]
         # augmentation seeded per sample: a replayed (skipped) sample leaves no trace in any RNG
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only: torch.manual_seed also queues CUDA seeding, which records a
@@ -181,10 +198,8 @@ class TrainPairs(torch.utils.data.IterableDataset):
                 "key": sample["__key__"]}
 
     def _batches(self, logical_worker: int) -> Iterator[dict]:
-        raw = self.raw_stream(logical_worker)
         position = self.positions.get(logical_worker, 0)
-        for _ in range(position):  # replay without decoding
-            next(raw)
+        raw = self.raw_stream(logical_worker, position)
         decode = wds.decode("pilrgb", handler=skip_and_log)
         out: list[dict] = []
         failed = 0
@@ -217,6 +232,74 @@ class TrainPairs(torch.utils.data.IterableDataset):
         worker = info.id if info is not None else 0
         # rotated: the first batch of a resumed loader comes from the worker whose turn it was
         return self._batches((worker + self.rotation) % self.num_workers)
+
+
+class ShardFiles:
+    """Per shard (tar URI): its kept Parquet and kept-row count, from a release's file table."""
+
+    def __init__(self, files: pa.Table) -> None:
+        tars = files.column("tar").to_pylist()
+        self.kept = dict(zip(tars, files.column("kept").to_pylist()))
+        self.rows = dict(zip(tars, (int(r) for r in files.column("rows").to_pylist())))
+
+    def samples(self, tar: str) -> Iterator[dict]:
+        """The shard's kept samples in tar order, each with its ``__caption__``."""
+        t = storage.read_parquet(self.kept[tar], columns=["key", "caption"])
+        captions = dict(zip(t.column("key").to_pylist(), t.column("caption").to_pylist()))
+        for sample in tar_samples(open_shards(iter([{"url": tar}]))):
+            caption = captions.get(sample["__key__"])
+            if caption is not None:
+                sample["__caption__"] = caption
+                yield sample
+
+
+class _PlanReader:
+    """Iterator of the samples a source plan names, reading each shard front to back once."""
+
+    def __init__(self, plan: Iterator[tuple[int, str, int]], shard_files: ShardFiles) -> None:
+        self.plan, self.shard_files = plan, shard_files
+        self.tar, self.samples, self.at = None, iter(()), -1
+        self.broken: set[str] = set()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while True:
+            _, tar, n = next(self.plan)
+            if tar in self.broken:
+                continue
+            if tar != self.tar or n <= self.at:  # the next shard (or the same one in a new epoch)
+                self.tar, self.samples, self.at = tar, self.shard_files.samples(tar), -1
+            for sample in self.samples:
+                self.at += 1
+                if self.at == n:
+                    return sample
+            # the shard holds fewer kept samples than its table lists (a truncated tar): skip it from now on
+            log.warning("shard %s ended before its kept sample %d of %d; skipping it", tar, n,
+                        self.shard_files.rows[tar])
+            self.broken.add(tar)
+
+
+def _read_entries(entries: list[tuple[int, str, int]], shard_files: ShardFiles) -> dict[tuple, dict]:
+    """The samples named by plan entries, reading each shard they touch once (up to the last one)."""
+    wanted: dict[str, set[int]] = {}
+    for _, tar, n in entries:
+        wanted.setdefault(tar, set()).add(n)
+    found: dict[tuple[str, int], dict] = {}
+    for tar, ns in wanted.items():
+        last = max(ns)
+        for n, sample in enumerate(shard_files.samples(tar)):
+            if n in ns:
+                found[(tar, n)] = sample
+            if n >= last:
+                break
+    missing = [(t, n) for _, t, n in entries if (t, n) not in found]
+    if missing:
+        raise RuntimeError(f"resuming the training stream: {len(missing)} buffered samples are no longer in their "
+                           f"shards (first: {missing[0]})")
+    # a sample may sit in a buffer twice (two epochs of one shard): each entry gets its own dict
+    return {e: dict(found[(e[1], e[2])]) for e in entries}
 
 
 def train_loader(dataset: TrainPairs, num_workers: int) -> torch.utils.data.DataLoader:
