@@ -188,6 +188,32 @@ def test_periodic_evaluation_is_logged_and_changes_nothing_in_the_training(tmp_p
     assert [(e["step"], e["mse"]) for e in resumed.eval_history()] == [(e["step"], e["mse"]) for e in history]
 
 
+def test_async_checkpoints_hold_the_state_of_their_step(tmp_path, monkeypatch):
+    # written by a thread while training goes on: each file must hold its own step's state, as a
+    # synchronous write would; a slow write lets training run several steps meanwhile
+    real_save = torch.save
+
+    def slow_save(obj, f, *a, **kw):
+        time.sleep(0.3)
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", slow_save)
+    for mode in ("sync", "async"):
+        tr.Trainer(ToyTask(), _cfg(async_checkpoint=mode == "async", keep_checkpoints=10), str(tmp_path / mode)).run()
+    names = sorted(p.name for p in (tmp_path / "sync" / "checkpoints").glob("*.pt"))
+    assert names == sorted(p.name for p in (tmp_path / "async" / "checkpoints").glob("*.pt"))
+    assert names == ["step-00000004.pt", "step-00000008.pt", "step-00000012.pt"]
+    for name in names:
+        a = tr.load_checkpoint(str(tmp_path / "sync" / "checkpoints" / name))
+        b = tr.load_checkpoint(str(tmp_path / "async" / "checkpoints" / name))
+        for part in ("model", "ema"):
+            for k in a[part]:
+                assert torch.equal(a[part][k], b[part][k]), (name, part, k)
+        for k, st in a["optimizer"]["state"].items():
+            assert all(torch.equal(v, b["optimizer"]["state"][k][n]) for n, v in st.items() if torch.is_tensor(v))
+    assert json.loads((tmp_path / "async" / "checkpoints" / "latest.json").read_text())["step"] == 12
+
+
 def test_nan_loss_stops_with_a_clear_error_and_no_new_checkpoint(tmp_path):
     with pytest.raises(tr.NonFiniteLossError, match="loss is nan.*step 1;.*none"):
         tr.Trainer(ToyTask(nan_at=1), _cfg(), str(tmp_path)).run()

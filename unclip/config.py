@@ -304,6 +304,8 @@ class StageTrainConfig(_Strict):
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (one is also written at "
                                   "exit).")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept; older ones are removed.")
+    async_checkpoint: bool = Field(True, description="Write checkpoints from a background thread while training "
+                                   "goes on (a snapshot of the state is taken first; one write in flight at most).")
     log_every: int = Field(10, ge=1, description="Steps between TensorBoard scalars and progress updates.")
     eval_every: int | None = Field(
         None, ge=1, description="Steps between held-out evaluations during training (TensorBoard `<stage>/eval/*`, "

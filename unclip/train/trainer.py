@@ -13,8 +13,9 @@ micro-batches that can start at a given position, and its loss. Everything else 
 - a self-describing checkpoint every ``checkpoint_every`` steps and at exit: model config, weights,
   EMA, optimiser, step, data position, every rank's RNG states and task state (e.g. its position in
   the data stream) and the lineage (dataset, PCA and
-  code versions); written atomically, the newest found through ``checkpoints/latest.json``, and a run
-  resumes from it automatically;
+  code versions); written atomically, by default from a background thread on a snapshot of the
+  state while training goes on, the newest found through ``checkpoints/latest.json`` (moved only
+  once its file is whole), and a run resumes from it automatically;
 - a guard that stops on a non-finite loss or gradient with a clear error, before the optimiser step,
   so the last checkpoint stays the last good one;
 - TensorBoard scalars (``<out>/tensorboard``) and a ``progress.json`` that the Prefect side turns into
@@ -35,6 +36,7 @@ import io
 import math
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
@@ -204,6 +206,8 @@ class Trainer:
                              f"micro-batches over {self.ctx.world_size} processes")
         self.micro_batch = per_rank // self.ctx.world_size
         self.main = self.ctx.rank == 0
+        self._saving: threading.Thread | None = None
+        self._save_error: BaseException | None = None
 
     # the checkpoint a run resumes from: its own latest
     def _resume_state(self) -> dict | None:
@@ -309,10 +313,13 @@ class Trainer:
             self._restore_signals(previous)
             if writer is not None:
                 writer.flush()
-            # the exit checkpoint: after a finished step (a failed one left the last good one in place)
+            if self._saving is not None:  # a failing run still finishes writing its last good checkpoint
+                self._saving.join()
+        # the exit checkpoint: after a finished step (a failed one left the last good one in place)
         if finished_cleanly or stop["signal"] is not None:
             if saved_step != step:
                 last_ckpt = self._save(step, wrapped, optimizer, ema, model_config)
+        self.wait_for_checkpoint()
         if writer is not None:
             writer.close()
         if stop["signal"] is not None:
@@ -397,14 +404,37 @@ class Trainer:
                 "rng": rng, "lineage": self.lineage,
                 "lr": lr_at(max(step - 1, 0), self.cfg),
             }
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            storage.write_bytes(uri, buf.getvalue())
+            self.wait_for_checkpoint()  # one write in flight at most
+            if self.cfg.async_checkpoint:
+                # the loop goes on while a thread writes a snapshot (the live tensors change next step)
+                snapshot = _tree_clone(state)
+                self._saving = threading.Thread(target=self._write_checkpoint, args=(uri, snapshot, step),
+                                                name=f"checkpoint-{step}", daemon=True)
+                self._saving.start()
+            else:
+                self._write_checkpoint(uri, state, step)
+        distributed.barrier()
+        return uri
+
+    def _write_checkpoint(self, uri: str, state: dict, step: int) -> None:
+        try:
+            with storage.atomic_open(uri, "wb") as f:
+                torch.save(state, f)
+            # latest.json moves only after the file is whole: a run killed mid-write resumes from the one before
             storage.write_json(storage.join(checkpoint_dir(self.out_dir), "latest.json"),
                                {"checkpoint": uri, "step": step})
             self._prune(uri)
-        distributed.barrier()
-        return uri
+        except BaseException as e:  # noqa: BLE001 - raised on the training thread at the next wait
+            self._save_error = e
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until the checkpoint being written (if any) is on storage; raise its write error."""
+        if self._saving is not None:
+            self._saving.join()
+            self._saving = None
+        if self._save_error is not None:
+            err, self._save_error = self._save_error, None
+            raise RuntimeError(f"train.{self.task.name}: writing a checkpoint failed: {err!r}") from err
 
     def _prune(self, newest: str) -> None:
         found = sorted(u for u in storage.listdir(checkpoint_dir(self.out_dir)) if u.endswith(".pt"))
@@ -441,6 +471,17 @@ def _gather(ctx: distributed.DistContext, mine: Any) -> list:
     out: list = [None] * ctx.world_size
     torch.distributed.all_gather_object(out, mine)
     return out
+
+
+def _tree_clone(obj: Any) -> Any:
+    """A copy of a nested state (dicts, lists, tuples) whose tensors no longer share memory with training."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _tree_clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tree_clone(v) for v in obj)
+    return obj
 
 
 def _not_main_thread() -> bool:

@@ -1,0 +1,194 @@
+"""The diffusion prior: caption -> CLIP image embedding (MISSION "Prior", the diffusion kind).
+
+A decoder-only causal Transformer over the sequence
+
+    [caption tokens (L), CLIP text embedding, timestep embedding, noised CLIP image embedding, query]
+
+whose output at the final, learned query token predicts the un-noised image embedding (MSE on x0,
+through ``unclip.models.diffusion``). The unit-norm CLIP embeddings are multiplied by sqrt(dim)
+before noising, so each dimension has about unit variance like the noise.
+
+The caption tokens are encoded by the prior's own token embedding and its causal Transformer, not by
+the frozen CLIP text tower's per-token outputs. The stored dataset holds the pooled CLIP text
+embedding (in the sequence as its own token) but no per-token states: storing them would cost
+77 x 1024 values a pair (about 100 TB at 650M pairs in float16), and computing them would run the
+CLIP text tower beside every training step. The prior learns what it needs from the tokens itself.
+
+For classifier-free guidance the conditioning is dropped for a fraction ``cond_drop`` of the
+training rows: their caption tokens are hidden from attention and their text embedding replaced by
+a learned null vector. Sampling draws ``candidates`` embeddings per caption (two in the paper) and
+keeps the one with the highest dot product with the text embedding.
+
+torch only; named sizes in ``FLAVOURS`` (``tiny`` for the demo and CI, ``paper`` about 1B).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip.models.diffusion import GaussianDiffusion, Target, guided
+
+
+@dataclass(frozen=True)
+class DiffusionPriorConfig:
+    embed_dim: int = 1024  # the CLIP embedding width
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    text_ctx: int = 77  # caption tokens (open_clip's context length)
+    vocab_size: int = 49408  # open_clip's tokenizer
+    timesteps: int = 1000
+    schedule: str = "cosine"
+    cond_drop: float = 0.1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FLAVOURS: dict[str, DiffusionPriorConfig] = {
+    "tiny": DiffusionPriorConfig(width=256, depth=4, heads=4),
+    "small": DiffusionPriorConfig(width=512, depth=8, heads=8),
+    # the paper's prior is about 1B parameters: 18 blocks of width 2048 (1.05B with the token embedding)
+    "paper": DiffusionPriorConfig(width=2048, depth=18, heads=32),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps, [N] -> [N, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block with masked self-attention."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        # x: [N, S, W]; allowed: [N, 1, S, S] bool, True where a query may attend to a key
+        n, s, w = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).reshape(n, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # [N, H, S, W/H]
+        x = x + self.proj(a.transpose(1, 2).reshape(n, s, w))
+        return x + self.mlp(self.ln_2(x))
+
+
+class DiffusionPrior(nn.Module):
+    def __init__(self, cfg: DiffusionPriorConfig) -> None:
+        super().__init__()
+        if cfg.width % cfg.heads:
+            raise ValueError(f"width {cfg.width} does not split into {cfg.heads} heads")
+        self.cfg = cfg
+        w = cfg.width
+        self.token_embedding = nn.Embedding(cfg.vocab_size, w)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.text_ctx + 4, w))
+        self.text_proj = nn.Linear(cfg.embed_dim, w)
+        self.null_text = nn.Parameter(torch.empty(w))  # the text embedding's stand-in when conditioning is dropped
+        self.time_mlp = nn.Sequential(nn.Linear(w, 4 * w), nn.SiLU(), nn.Linear(4 * w, w))
+        self.x_proj = nn.Linear(cfg.embed_dim, w)
+        self.query = nn.Parameter(torch.empty(w))
+        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.ln_final = nn.LayerNorm(w)
+        self.out = nn.Linear(w, cfg.embed_dim)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.null_text, std=0.02)
+        nn.init.normal_(self.query, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        for b in self.blocks:  # residual branches scaled down with depth (GPT-2)
+            nn.init.normal_(b.proj.weight, std=0.02 / math.sqrt(2 * self.cfg.depth))
+            nn.init.normal_(b.mlp[2].weight, std=0.02 / math.sqrt(2 * self.cfg.depth))
+
+    def fsdp_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, tokens: torch.Tensor, text_emb: torch.Tensor,
+                drop: torch.Tensor) -> torch.Tensor:
+        """x_t: [N, D] noised (scaled) image embedding; t: [N] timesteps; tokens: [N, L] caption token
+        ids (0 pads); text_emb: [N, D] scaled CLIP text embedding; drop: [N] bool, conditioning
+        dropped. Returns the predicted clean (scaled) image embedding, [N, D]."""
+        n, length = tokens.shape
+        cond = self.text_proj(text_emb)  # [N, W]
+        cond = torch.where(drop[:, None], self.null_text.to(cond.dtype).expand_as(cond), cond)
+        seq = torch.cat([
+            self.token_embedding(tokens),  # [N, L, W]
+            cond[:, None],
+            self.time_mlp(timestep_embedding(t, self.cfg.width).to(cond.dtype))[:, None],
+            self.x_proj(x_t)[:, None],
+            self.query.to(cond.dtype).expand(n, 1, -1),
+        ], dim=1) + self.positional_embedding[: length + 4].to(cond.dtype)  # [N, S = L + 4, W]
+        s = length + 4
+        # causal, caption padding (and dropped captions) hidden as keys; a query always sees itself
+        key_ok = torch.cat([(tokens != 0) & ~drop[:, None], torch.ones(n, 4, dtype=torch.bool, device=tokens.device)], 1)
+        causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()
+        allowed = (causal[None] & key_ok[:, None, :]) | torch.eye(s, dtype=torch.bool, device=tokens.device)[None]
+        x = seq
+        for block in self.blocks:
+            x = block(x, allowed[:, None])
+        return self.out(self.ln_final(x[:, -1]))  # [N, D]
+
+    # -- the diffusion around it ----------------------------------------------------------------------
+    def diffusion(self) -> GaussianDiffusion:
+        return GaussianDiffusion.from_schedule(self.cfg.schedule, self.cfg.timesteps, target=Target.X0)
+
+    @property
+    def scale(self) -> float:
+        return math.sqrt(self.cfg.embed_dim)
+
+
+def training_loss(model: nn.Module, cfg: DiffusionPriorConfig, diffusion: GaussianDiffusion, *,
+                  image_emb: torch.Tensor, text_emb: torch.Tensor, tokens: torch.Tensor,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """The mean x0-MSE of a batch. ``model`` is the prior or its DDP/FSDP wrapper; the embeddings are
+    the stored unit-norm ones, scaled here; the conditioning of ``cfg.cond_drop`` of the rows is dropped."""
+    scale = math.sqrt(cfg.embed_dim)
+    n, device = len(image_emb), image_emb.device
+    drop = torch.rand(n, generator=generator, device=device) < cfg.cond_drop
+    t = diffusion.sample_timesteps(n, device=device, generator=generator)
+    noise = torch.randn(image_emb.shape, generator=generator, device=device, dtype=image_emb.dtype)
+    loss = diffusion.training_loss(model, image_emb * scale, t, noise=noise,
+                                   model_kwargs={"tokens": tokens, "text_emb": text_emb * scale, "drop": drop})
+    return loss.mean()
+
+
+@torch.no_grad()
+def sample(model: DiffusionPrior, *, text_emb: torch.Tensor, tokens: torch.Tensor, guidance: float = 1.0,
+           steps: int = 64, candidates: int = 2, generator: torch.Generator | None = None,
+           diffusion: GaussianDiffusion | None = None) -> torch.Tensor:
+    """Unit-norm predicted image embeddings [N, D]: ``candidates`` DDIM samples per caption (``steps``
+    respaced steps, guidance scale ``guidance``), keeping the one closest to the text embedding."""
+    cfg = model.cfg
+    n = len(text_emb)
+    process = (diffusion or model.diffusion()).respaced(steps)
+    scale = math.sqrt(cfg.embed_dim)
+    rep_text = text_emb.repeat(candidates, 1) * scale
+    rep_tokens = tokens.repeat(candidates, 1)
+    keep = torch.zeros(n * candidates, dtype=torch.bool, device=text_emb.device)
+    fn = guided(model, guidance, uncond_kwargs={"drop": torch.ones_like(keep)})
+    x = process.sample(fn, (n * candidates, cfg.embed_dim), generator=generator, device=text_emb.device,
+                       dtype=text_emb.dtype, model_kwargs={"tokens": rep_tokens, "text_emb": rep_text, "drop": keep})
+    x = F.normalize(x.float(), dim=-1).reshape(candidates, n, -1)  # [C, N, D]
+    best = (x * F.normalize(text_emb.float(), dim=-1)[None]).sum(-1).argmax(0)  # [N]
+    return x[best, torch.arange(n, device=x.device)]
