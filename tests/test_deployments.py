@@ -175,15 +175,17 @@ def test_retrain_and_evaluate_through_their_deployments(service, first):
     schema = service["deployments"]["retrain"]["parameter_openapi_schema"]
     fields = schema["definitions"]["RetrainParams"]["properties"]
     assert {"dataset_version", "stages", "config", "overrides", "run_name", "clip", "resume"} <= set(fields)
-    assert fields["stages"]["items"]["enum"] == ["clip", "pca", "eval_pca", "eval_retrieval"]
+    assert fields["stages"]["items"]["enum"] == ["clip", "prior_diffusion", "pca", "eval_pca", "eval_retrieval"]
+    assert {"clip", "prior_diffusion"} <= set(fields)
     settings = schema["definitions"]["StageSettings"]["properties"]
     assert {"steps", "batch_size", "lr", "checkpoint_every", "seed"} <= set(settings)
-    # CLIP trains under torchrun for a few steps set in the form's typed fields
-    run = _wait(server, _trigger(service, "retrain", {"params": {"workdir": str(workdir), "run_name": "ci",
-                                                                 "clip": {"steps": 3, "batch_size": 16,
-                                                                          "warmup_steps": 1}}}))
+    # CLIP and the diffusion prior train under torchrun for a few steps set in the form's typed fields
+    run = _wait(server, _trigger(service, "retrain", {"params": {
+        "workdir": str(workdir), "run_name": "ci", "clip": {"steps": 3, "batch_size": 16, "warmup_steps": 1},
+        "prior_diffusion": {"steps": 2, "batch_size": 8, "warmup_steps": 1},
+        "overrides": {"train": {"prior_diffusion": {"eval_pairs": 32, "sample_steps": 4}}}}}))
     assert run["state_type"] == "COMPLETED"
-    assert run["name"].startswith("retrain: clip,pca,eval_pca,eval_retrieval on latest")
+    assert run["name"].startswith("retrain: clip,prior_diffusion,pca,eval_pca,eval_retrieval on latest")
     runs = catalog.runs(str(workdir / "catalog"))
     assert len(runs) == 1 and runs[0]["state"] == "completed" and runs[0]["name"] == "ci"
     latest = catalog.latest(str(workdir / "catalog"), "demo")
@@ -191,6 +193,10 @@ def test_retrain_and_evaluate_through_their_deployments(service, first):
     assert 0 <= runs[0]["metrics"]["eval_retrieval/i2t_recall@10"] <= 1
     assert runs[0]["metrics"]["clip/steps"] == 3 and runs[0]["config"]["train"]["clip"]["batch_size"] == 16
     assert [m["version"] for m in catalog.models(str(workdir / "catalog"), "clip")] == [runs[0]["models"]["clip"]]
+    assert runs[0]["metrics"]["prior_diffusion/steps"] == 2 and "prior_diffusion/cosine_true" in runs[0]["metrics"]
+    prior = catalog.models(str(workdir / "catalog"), "prior_diffusion")
+    assert [m["version"] for m in prior] == [runs[0]["models"]["prior_diffusion"]]
+    assert prior[0]["dataset_version"] == latest["version"] and prior[0]["flavour"] == "tiny"
     ev = _wait(server, _trigger(service, "evaluate", {"params": {"workdir": str(workdir),
                                                                  "run_id": runs[0]["run_id"],
                                                                  "stages": ["eval_pca"]}}))

@@ -33,6 +33,9 @@ def test_forward_shapes_and_dropped_conditioning_ignores_the_caption():
     # rows with dropped conditioning see neither caption nor text embedding; the others do
     torch.testing.assert_close(out2[drop], out[drop])
     assert not torch.allclose(out2[~drop], out[~drop])
+    # a batch cut to its longest caption gives the same outputs
+    torch.testing.assert_close(model(img, t, tokens=dp.trim_tokens(tokens), text_emb=txt, drop=drop), out)
+    assert dp.trim_tokens(tokens).shape == (6, 5)
     # padding is not read: a different embedding for the pad id changes nothing
     with torch.no_grad():
         model.token_embedding.weight[0] += 1.0

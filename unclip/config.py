@@ -353,6 +353,24 @@ class ClipTrainConfig(StageTrainConfig):
         return self
 
 
+class DiffusionPriorTrainConfig(StageTrainConfig):
+    """The diffusion prior (stage ``prior_diffusion``): caption -> CLIP image embedding, trained on the
+    generative sources' stored embeddings (``unclip.models.prior``)."""
+
+    flavour: Literal["tiny", "small", "paper"] = Field("tiny", description="Named size (models/prior.py FLAVOURS).")
+    cond_drop: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of training rows whose caption and text "
+                             "embedding are dropped, for classifier-free guidance (the paper's 10%).")
+    sample_steps: int = Field(64, ge=1, description="DDIM steps when sampling (evaluation, generation).")
+    guidance: float = Field(1.0, ge=0.0, description="Classifier-free guidance scale when sampling; 1 is none.")
+    candidates: int = Field(2, ge=1, description="Samples per caption, the one closest to the text embedding "
+                            "kept (the paper's 2).")
+    eval_pairs: int = Field(1000, ge=2, description="Held-out pairs the evaluation samples for.")
+    lr: float = Field(3e-4, gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.06, ge=0.0, description="AdamW decay, on 2-D weights only.")
+    ema_decay: float | None = Field(0.999, ge=0.0, lt=1.0, description="EMA of the weights; null disables.")
+    num_workers: int = Field(0, ge=0, description="Unused: the stored embeddings are read in the training process.")
+
+
 class TrainConfig(_Strict):
     """The training stages: how they launch, the held-out split, and each stage's trainer settings."""
 
@@ -362,6 +380,7 @@ class TrainConfig(_Strict):
         "train CLIP on the basic filter's kept pairs (training split) before embedding and publish it; set "
         "embed.model to {catalog: clip@latest} to embed with it. Off: the stage is skipped.")
     clip: ClipTrainConfig = ClipTrainConfig()
+    prior_diffusion: DiffusionPriorTrainConfig = DiffusionPriorTrainConfig()
     eval_fraction: float = Field(
         0.05, gt=0.0, lt=1.0, description="Fraction of a dataset version's shards held out for evaluation "
         "(chosen by a hash of the shard name, so a shard never changes sides as the dataset grows).",

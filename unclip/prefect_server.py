@@ -145,15 +145,24 @@ class PrefectServer:
         (self.home / "server.json").write_text(json.dumps(state, indent=2))
 
     # -- REST --------------------------------------------------------------------------------------
-    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 30.0):
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 30.0,
+                retries: int = 5):
+        """One API call. A 503 or 429 is retried with backoff, as Prefect's own client does: the server
+        answers 503 for errors a client may retry (a busy SQLite database under load), after rolling back."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.api_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        if self.auth:
-            req.add_header("Authorization", "Basic " + b64encode(self.auth.encode()).decode())
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-        return json.loads(raw) if raw else None
+        for attempt in range(retries + 1):
+            req = urllib.request.Request(self.api_url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+            if self.auth:
+                req.add_header("Authorization", "Basic " + b64encode(self.auth.encode()).decode())
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                    raw = resp.read()
+                return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as e:
+                if e.code not in (429, 503) or attempt == retries:
+                    raise
+                time.sleep(min(8.0, 0.5 * 2 ** attempt))
 
     def get(self, path: str):
         return self.request("GET", path)

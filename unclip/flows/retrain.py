@@ -62,6 +62,8 @@ class RetrainParams(BaseModel):
     stages: list[StageName] = Field(default_factory=lambda: list(stages.names()),
                                     description="Stages to run, in pipeline order.")
     clip: StageSettings = Field(default_factory=StageSettings, description="Stage `clip`: CLIP training.")
+    prior_diffusion: StageSettings = Field(default_factory=StageSettings,
+                                           description="Stage `prior_diffusion`: the diffusion prior's training.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Nested config values to override.")
     run_name: str | None = Field(None, description="A label for the run (its id is generated).")
     resume: str | None = Field(None, description="A run id to continue: its finished stages are skipped, the "
@@ -74,7 +76,7 @@ class RetrainParams(BaseModel):
         return deep_merge(self.overrides, {"train": typed}) if typed else dict(self.overrides)
 
 
-TRAIN_STAGE_FIELDS = ("clip",)
+TRAIN_STAGE_FIELDS = ("clip", "prior_diffusion")
 
 
 class EvaluateParams(BaseModel):

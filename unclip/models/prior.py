@@ -97,7 +97,10 @@ class DiffusionPrior(nn.Module):
         self.cfg = cfg
         w = cfg.width
         self.token_embedding = nn.Embedding(cfg.vocab_size, w)
-        self.positional_embedding = nn.Parameter(torch.empty(cfg.text_ctx + 4, w))
+        # positions of the caption tokens, and of the 4 tokens after them: fixed whatever the caption's
+        # length, so a batch's captions can be cut to its longest (``trim_tokens``) without changing anything
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.text_ctx, w))
+        self.special_positions = nn.Parameter(torch.empty(4, w))
         self.text_proj = nn.Linear(cfg.embed_dim, w)
         self.null_text = nn.Parameter(torch.empty(w))  # the text embedding's stand-in when conditioning is dropped
         self.time_mlp = nn.Sequential(nn.Linear(w, 4 * w), nn.SiLU(), nn.Linear(4 * w, w))
@@ -111,6 +114,7 @@ class DiffusionPrior(nn.Module):
     def init_weights(self) -> None:
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.special_positions, std=0.01)
         nn.init.normal_(self.null_text, std=0.02)
         nn.init.normal_(self.query, std=0.02)
         for m in self.modules():
@@ -132,13 +136,14 @@ class DiffusionPrior(nn.Module):
         n, length = tokens.shape
         cond = self.text_proj(text_emb)  # [N, W]
         cond = torch.where(drop[:, None], self.null_text.to(cond.dtype).expand_as(cond), cond)
-        seq = torch.cat([
-            self.token_embedding(tokens),  # [N, L, W]
+        caption = self.token_embedding(tokens) + self.positional_embedding[:length].to(cond.dtype)  # [N, L, W]
+        special = torch.cat([
             cond[:, None],
             self.time_mlp(timestep_embedding(t, self.cfg.width).to(cond.dtype))[:, None],
             self.x_proj(x_t)[:, None],
             self.query.to(cond.dtype).expand(n, 1, -1),
-        ], dim=1) + self.positional_embedding[: length + 4].to(cond.dtype)  # [N, S = L + 4, W]
+        ], dim=1) + self.special_positions.to(cond.dtype)  # [N, 4, W]
+        seq = torch.cat([caption, special], dim=1)  # [N, S = L + 4, W]
         s = length + 4
         # causal, caption padding (and dropped captions) hidden as keys; a query always sees itself
         key_ok = torch.cat([(tokens != 0) & ~drop[:, None], torch.ones(n, 4, dtype=torch.bool, device=tokens.device)], 1)
@@ -156,6 +161,13 @@ class DiffusionPrior(nn.Module):
     @property
     def scale(self) -> float:
         return math.sqrt(self.cfg.embed_dim)
+
+
+def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Caption tokens [N, L] cut after the batch's last non-pad column (the prior's output does not
+    change; a 77-token context of 15-token captions costs 5x the attention and MLP work)."""
+    used = (tokens != 0).any(dim=0).nonzero()
+    return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
 
 
 def training_loss(model: nn.Module, cfg: DiffusionPriorConfig, diffusion: GaussianDiffusion, *,
@@ -184,7 +196,7 @@ def sample(model: DiffusionPrior, *, text_emb: torch.Tensor, tokens: torch.Tenso
     process = (diffusion or model.diffusion()).respaced(steps)
     scale = math.sqrt(cfg.embed_dim)
     rep_text = text_emb.repeat(candidates, 1) * scale
-    rep_tokens = tokens.repeat(candidates, 1)
+    rep_tokens = trim_tokens(tokens).repeat(candidates, 1)
     keep = torch.zeros(n * candidates, dtype=torch.bool, device=text_emb.device)
     fn = guided(model, guidance, uncond_kwargs={"drop": torch.ones_like(keep)})
     x = process.sample(fn, (n * candidates, cfg.embed_dim), generator=generator, device=text_emb.device,

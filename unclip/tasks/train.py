@@ -68,7 +68,8 @@ def _context_file(ctx: stages.StageContext, out: str) -> str:
     storage.write_json(uri, {"run_id": ctx.run_id, "run_dir": ctx.run_dir, "release": ctx.release["release"],
                              "dataset_version": ctx.release["version"], "catalog": ctx.catalog,
                              "config": ctx.config.model_dump(mode="json"), "previous": ctx.previous,
-                             "train_files": train_uri, "eval_files": eval_uri, "lineage": ctx.lineage})
+                             "train_files": train_uri, "eval_files": eval_uri, "lineage": ctx.lineage,
+                             "release_record": ctx.release})
     return uri
 
 

@@ -20,7 +20,6 @@ through ``train_clip``.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from dataclasses import dataclass
@@ -210,35 +209,18 @@ def train_clip(cfg: ClipTrainConfig, train_files: pa.Table, eval_files: pa.Table
 def main() -> None:
     """``torchrun ... -m unclip.train.clip --run-dir D --stage clip --context C.json``: writes
     ``D/clip/result.json`` ({"outputs", "metrics", "model"}) from rank 0."""
-    from torch.distributed.elastic.multiprocessing.errors import record
+    distributed.stage_main("Train CLIP (stage clip) under torchrun.", _from_context)
 
-    @record
-    def run() -> None:
-        ap = argparse.ArgumentParser(description="Train CLIP (stage clip) under torchrun.")
-        ap.add_argument("--run-dir", required=True)
-        ap.add_argument("--stage", default="clip")
-        ap.add_argument("--context", required=True)
-        a = ap.parse_args()
-        ctx_json = storage.read_json(a.context)
-        from unclip.config import RunConfig
 
-        config = RunConfig.model_validate(ctx_json["config"])
-        out = storage.join(a.run_dir, a.stage)
-        dist = distributed.init(config.train.launch.backend)
-        try:
-            done = train_clip(config.train.clip, storage.read_parquet(ctx_json["train_files"]),
-                              storage.read_parquet(ctx_json["eval_files"]), out, lineage=ctx_json.get("lineage"),
-                              strategy=config.train.launch.strategy, ctx=dist)
-            if done is not None:
-                storage.write_json(storage.join(out, "result.json"), {
-                    "outputs": {"model": done.release["uri"], "checkpoint": done.result.checkpoint,
-                                "tensorboard": storage.join(out, "tensorboard")},
-                    "metrics": done.metrics, "model": {"kind": "clip", **done.release,
-                                                       "resumed_from": done.result.resumed_from}})
-        finally:
-            distributed.cleanup()
-
-    run()
+def _from_context(config, context: dict, out: str, dist: distributed.DistContext) -> dict | None:
+    done = train_clip(config.train.clip, storage.read_parquet(context["train_files"]),
+                      storage.read_parquet(context["eval_files"]), out, lineage=context.get("lineage"),
+                      strategy=config.train.launch.strategy, ctx=dist)
+    if done is None:
+        return None
+    return {"outputs": {"model": done.release["uri"], "checkpoint": done.result.checkpoint,
+                        "tensorboard": storage.join(out, "tensorboard")},
+            "metrics": done.metrics, "model": {"kind": "clip", **done.release, "resumed_from": done.result.resumed_from}}
 
 
 if __name__ == "__main__":

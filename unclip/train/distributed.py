@@ -239,3 +239,35 @@ def cleanup() -> None:
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+
+
+def stage_main(description: str, train: Callable[..., dict | None]) -> None:
+    """The body of a training stage's torchrun module (``-m unclip.train.<stage> --run-dir D --stage NAME
+    --context C.json``): ``train(config, context, out_dir, dist_context)`` runs on every rank, and what
+    rank 0 returns ({"outputs", "metrics", "model"}) is written to ``D/NAME/result.json``."""
+    import argparse
+
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from unclip import storage
+    from unclip.config import RunConfig
+
+    @record
+    def run() -> None:
+        ap = argparse.ArgumentParser(description=description)
+        ap.add_argument("--run-dir", required=True)
+        ap.add_argument("--stage", required=True)
+        ap.add_argument("--context", required=True)
+        a = ap.parse_args()
+        context = storage.read_json(a.context)
+        config = RunConfig.model_validate(context["config"])
+        out = storage.join(a.run_dir, a.stage)
+        dist_ctx = init(config.train.launch.backend)
+        try:
+            result = train(config, context, out, dist_ctx)
+            if result is not None:
+                storage.write_json(storage.join(out, "result.json"), result)
+        finally:
+            cleanup()
+
+    run()

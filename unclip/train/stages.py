@@ -16,6 +16,8 @@ Registered here, on what the data half produces:
   evaluation; chance beside them).
 - ``clip`` (train, GPU, under torchrun): CLIP on the training split's pairs of every source
   (``unclip.train.clip``), evaluated on the held-out split and released as a model version.
+- ``prior_diffusion`` (train, GPU, under torchrun): the diffusion prior on the generative sources'
+  stored embeddings (``unclip.train.prior``), evaluated on their held-out rows, released as a model version.
 """
 
 from __future__ import annotations
@@ -146,6 +148,18 @@ def _stage_clip(ctx: StageContext) -> dict:
 
 register(Stage("clip", "train", _stage_clip, "CLIP (open_clip) on the mix of every source, released as a model "
                "version", gpu=True, module="unclip.train.clip"))
+def _stage_prior_diffusion(ctx: StageContext) -> dict:
+    """In-process diffusion prior training (``retrain`` launches ``unclip.train.prior`` under torchrun)."""
+    from unclip.train import prior as prior_train
+
+    return prior_train.train_diffusion_prior(ctx.config, ctx.train_files, ctx.eval_files,
+                                             storage.join(ctx.run_dir, "prior_diffusion"), release=ctx.release,
+                                             catalog_uri=ctx.catalog, lineage=ctx.lineage)
+
+
+register(Stage("prior_diffusion", "train", _stage_prior_diffusion, "the diffusion prior (caption -> CLIP image "
+               "embedding) on the generative sources, released as a model version", gpu=True,
+               module="unclip.train.prior"))
 register(Stage("pca", "train", _stage_pca, "PCA (319 of 1024) + 1024-bucket quantiser for the AR prior"))
 register(Stage("eval_pca", "eval", _stage_eval_pca, "held-out reconstruction error of the PCA + quantiser"))
 register(Stage("eval_retrieval", "eval", _stage_eval_retrieval, "held-out image<->text recall@k of the CLIP"))

@@ -1,0 +1,231 @@
+"""Diffusion prior training (stage ``prior_diffusion``; MISSION "Prior", the diffusion kind).
+
+The rows are the dataset version's stored embeddings of the generative sources (``for_generative``,
+the paper's DALL-E data), training split, read by ``unclip.data.embedding_pairs`` with their
+captions; the captions are tokenized with the tokenizer of the CLIP that embedded them. The network
+and its loss are ``unclip.models.prior``; the shared trainer does the rest (EMA, checkpoints,
+resume, NaN guard, TensorBoard, held-out evaluation every ``eval_every`` steps).
+
+Evaluation (``evaluate_prior``), on held-out pairs, in the protocol of DALLE2-pytorch's prior:
+
+- ``cosine_true``: the predicted image embedding (best of ``candidates``) against the true one;
+- ``cosine_true_1``: the same with one sample per caption (what best-of-N buys);
+- ``cosine_text_baseline``: the CLIP text embedding against the true image embedding;
+- ``cosine_unrelated``: the prediction for another pair's caption against this image;
+- ``i2i_recall@{1,5}``: the prediction retrieving its true image among ``GALLERY`` held-out images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip import storage
+from unclip.config import DiffusionPriorTrainConfig, RunConfig
+from unclip.data import embedding_pairs, embeddings
+from unclip.data.retrieval import RecallCounter
+from unclip.models import prior as prior_model
+from unclip.models.prior import DiffusionPrior, DiffusionPriorConfig
+from unclip.train import distributed
+from unclip.train.trainer import Trainer, load_checkpoint
+
+RECALL_AT = (1, 5)
+
+
+class DiffusionPriorTask:
+    """The ``prior_diffusion`` training task for the shared trainer."""
+
+    name = "prior_diffusion"
+
+    def __init__(self, cfg: DiffusionPriorTrainConfig, train_files: pa.Table, eval_files: pa.Table | None,
+                 tokenizer, *, embed_dim: int, text_ctx: int) -> None:
+        self.cfg, self.train_files, self.eval_files = cfg, train_files, eval_files
+        self.tokenizer = tokenizer
+        self.embed_dim, self.text_ctx = embed_dim, text_ctx
+        self.prior_cfg: DiffusionPriorConfig | None = None
+        self.diffusion = None
+        self._held: dict | None = None
+
+    def model_config(self) -> dict:
+        base = prior_model.FLAVOURS[self.cfg.flavour]
+        prior = dataclasses.replace(base, embed_dim=self.embed_dim, text_ctx=self.text_ctx, cond_drop=self.cfg.cond_drop)
+        return {"flavour": self.cfg.flavour, "prior": prior.to_dict()}
+
+    def build_model(self, model_config: dict) -> nn.Module:
+        self.prior_cfg = DiffusionPriorConfig(**model_config["prior"])
+        model = DiffusionPrior(self.prior_cfg)
+        self.diffusion = model.diffusion()
+        return model
+
+    def batches(self, micro_batch: int, start: int, ctx: distributed.DistContext) -> Iterator[dict]:
+        data = embedding_pairs.EmbeddingPairs(self.train_files, batch_size=micro_batch, rank=ctx.rank,
+                                              world_size=ctx.world_size, seed=self.cfg.seed)
+        for batch in data.stream(start * micro_batch):
+            yield {"image_emb": torch.from_numpy(batch["image_emb"]).to(ctx.device),
+                   "text_emb": torch.from_numpy(batch["text_emb"]).to(ctx.device),
+                   "tokens": prior_model.trim_tokens(self.tokenizer(batch["caption"])).to(ctx.device)}
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = prior_model.training_loss(model, self.prior_cfg, self.diffusion, image_emb=batch["image_emb"],
+                                         text_emb=batch["text_emb"], tokens=batch["tokens"])
+        return loss, {}
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        if self.eval_files is None or not self.eval_files.num_rows:
+            return {}
+        if self._held is None:
+            self._held = embedding_pairs.held_out(self.eval_files, self.cfg.eval_pairs)
+        return evaluate_prior(model, self._held, self.tokenizer, steps=self.cfg.sample_steps,
+                              guidance=self.cfg.guidance, candidates=self.cfg.candidates, seed=self.cfg.seed)
+
+
+@torch.no_grad()
+def evaluate_prior(model: DiffusionPrior, held: dict[str, Any], tokenizer, *, steps: int, guidance: float,
+                   candidates: int, seed: int = 0, batch_size: int = 256) -> dict[str, float]:
+    """Held-out cosine and retrieval metrics of a diffusion prior (see the module docstring)."""
+    device = next(model.parameters()).device
+    img = F.normalize(torch.from_numpy(held["image_emb"]), dim=-1)
+    txt = F.normalize(torch.from_numpy(held["text_emb"]), dim=-1)
+    tokens = tokenizer(held["caption"])
+    n = len(img)
+    shift = torch.roll(torch.arange(n), 1)  # another pair's caption for each image
+
+    def predict(index: torch.Tensor, k: int, salt: int) -> torch.Tensor:
+        out = []
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + salt)
+        for i in range(0, len(index), batch_size):
+            j = index[i:i + batch_size]
+            out.append(prior_model.sample(model, text_emb=txt[j].to(device), tokens=tokens[j].to(device),
+                                          guidance=guidance, steps=steps, candidates=k, generator=g).cpu())
+        return torch.cat(out)
+
+    every = torch.arange(n)
+    best = predict(every, candidates, 0)
+    one = predict(every, 1, 1)
+    unrelated = predict(shift, candidates, 2)
+    recall = RecallCounter(ks=RECALL_AT)
+    recall.add(best.numpy(), img.numpy())
+    r = recall.result()
+    metrics = {
+        "cosine_true": float((best * img).sum(-1).mean()),
+        "cosine_true_1": float((one * img).sum(-1).mean()),
+        "cosine_text_baseline": float((txt * img).sum(-1).mean()),
+        "cosine_unrelated": float((unrelated * img).sum(-1).mean()),
+        "heldout_pairs": n, "gallery": r["gallery"],
+    }
+    for k in RECALL_AT:
+        metrics[f"i2i_recall@{k}"] = r[f"i2t_recall@{k}"]
+        metrics[f"i2i_recall@{k}_chance"] = r[f"recall@{k}_chance"]
+    return metrics
+
+
+def generative_files(files: pa.Table, generative_sources: list[str]) -> pa.Table:
+    """The rows of the sources the generative stack trains on."""
+    keep = np.isin(np.array(files.column("source").to_pylist(), dtype=object), generative_sources)
+    return files.filter(pa.array(keep))
+
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def tokenizer_arch(release: dict, catalog_uri: str | None, config: RunConfig) -> str:
+    """The open_clip architecture whose tokenizer made the captions' CLIP embeddings: the dataset
+    version's CLIP model version when it came from the catalog, else the embed config's arch."""
+    version = release.get("clip_model_version")
+    if version and catalog_uri:
+        from unclip import catalog
+
+        return catalog.resolve_model(catalog_uri, version)["arch"]
+    arch = config.embed.model.arch
+    if arch is None:
+        raise ValueError("prior_diffusion: the dataset version names no CLIP model version and embed.model no arch")
+    return arch
+
+
+def write_release(model: DiffusionPrior, model_config: dict, arch: str, folder: str) -> dict:
+    """``prior.json`` (the network's config and the tokenizer's arch) and ``model.safetensors`` (EMA weights):
+    ``DiffusionPrior(DiffusionPriorConfig(**json["prior"]))`` then ``load_state_dict(safetensors)``."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = save(state, metadata={"kind": "prior_diffusion"})
+    weights_uri = storage.write_bytes(storage.join(folder, WEIGHTS_FILE), data)
+    storage.write_json(storage.join(folder, "prior.json"), {**model_config, "tokenizer": arch})
+    return {"uri": folder, "weights": weights_uri, "arch": arch, "weights_sha256": hashlib.sha256(data).hexdigest(),
+            "parameters": sum(v.numel() for v in state.values()), "flavour": model_config["flavour"]}
+
+
+def load_release(folder: str) -> tuple[DiffusionPrior, dict]:
+    from safetensors.torch import load
+
+    meta = storage.read_json(storage.join(folder, "prior.json"))
+    model = DiffusionPrior(DiffusionPriorConfig(**meta["prior"]))
+    model.load_state_dict(load(storage.read_bytes(storage.join(folder, WEIGHTS_FILE))))
+    return model.eval(), meta
+
+
+def train_diffusion_prior(config: RunConfig, train_files: pa.Table, eval_files: pa.Table, out_dir: str, *,
+                          release: dict, catalog_uri: str | None, lineage: dict | None = None,
+                          strategy: str = "ddp", ctx: distributed.DistContext | None = None) -> dict | None:
+    """Train on the generative sources' training rows, then (rank 0) evaluate the EMA weights on their
+    held-out rows and write the release folder. Returns the stage result ({"outputs", "metrics", "model"})."""
+    import open_clip
+
+    from unclip.data import clip as clip_data
+
+    cfg = config.train.prior_diffusion
+    generative = [s.name for s in config.sources if s.for_generative]
+    train, held = generative_files(train_files, generative), generative_files(eval_files, generative)
+    if not train.num_rows:
+        raise ValueError(f"prior_diffusion: no training rows from the generative sources {generative}")
+    arch = tokenizer_arch(release, catalog_uri, config)
+    clip_data.register_project_configs()
+    tokenizer = open_clip.get_tokenizer(arch)
+    task = DiffusionPriorTask(cfg, train, held, tokenizer, embed_dim=embeddings.EMBED_DIM,
+                              text_ctx=getattr(tokenizer, "context_length", 77))
+    trainer = Trainer(task, cfg, out_dir, lineage=lineage, strategy=strategy, ctx=ctx)
+    result = trainer.run()
+    if not trainer.main:
+        return None
+    state = load_checkpoint(result.checkpoint)
+    model = task.build_model(state["model_config"])
+    if state.get("ema") is not None:
+        model.load_state_dict({k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")})
+    else:
+        model.load_state_dict(state["model"])
+    model.eval()
+    history = trainer.eval_history()
+    if history and history[-1]["step"] == result.step:
+        metrics = {k: v for k, v in history[-1].items() if k not in ("step", "seconds")}
+    else:
+        metrics = task.evaluate(model) if held.num_rows else {}
+    metrics.update(steps=result.step, train_rows=int(sum(train.column("rows").to_pylist())))
+    rel = write_release(model, state["model_config"], arch, storage.join(out_dir, "model"))
+    storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
+    return {"outputs": {"model": rel["uri"], "checkpoint": result.checkpoint,
+                        "tensorboard": storage.join(out_dir, "tensorboard")},
+            "metrics": metrics, "model": {"kind": "prior_diffusion", **rel, "resumed_from": result.resumed_from}}
+
+
+def main() -> None:
+    """``torchrun ... -m unclip.train.prior --run-dir D --stage prior_diffusion --context C.json``."""
+    distributed.stage_main("Train the diffusion prior (stage prior_diffusion) under torchrun.", _from_context)
+
+
+def _from_context(config: RunConfig, context: dict, out: str, dist: distributed.DistContext) -> dict | None:
+    return train_diffusion_prior(config, storage.read_parquet(context["train_files"]),
+                                 storage.read_parquet(context["eval_files"]), out,
+                                 release=context.get("release_record") or {}, catalog_uri=context.get("catalog"),
+                                 lineage=context.get("lineage"), strategy=config.train.launch.strategy, ctx=dist)
+
+
+if __name__ == "__main__":
+    main()
