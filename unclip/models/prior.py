@@ -51,12 +51,14 @@ class DiffusionPriorConfig:
         return asdict(self)
 
 
-FLAVOURS: dict[str, DiffusionPriorConfig] = {
-    "tiny": DiffusionPriorConfig(width=256, depth=4, heads=4),
-    "small": DiffusionPriorConfig(width=512, depth=8, heads=8),
-    # the paper's prior is about 1B parameters: 18 blocks of width 2048 (1.05B with the token embedding)
-    "paper": DiffusionPriorConfig(width=2048, depth=18, heads=32),
+# the named sizes of both priors; the paper's are about 1B parameters each (18 blocks of width 2048:
+# 1.05B for the diffusion prior with its token embedding)
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"width": 256, "depth": 4, "heads": 4},
+    "small": {"width": 512, "depth": 8, "heads": 8},
+    "paper": {"width": 2048, "depth": 18, "heads": 32},
 }
+FLAVOURS: dict[str, DiffusionPriorConfig] = {name: DiffusionPriorConfig(**size) for name, size in SIZES.items()}
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -89,70 +91,93 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class DiffusionPrior(nn.Module):
-    def __init__(self, cfg: DiffusionPriorConfig) -> None:
+class CaptionTransformer(nn.Module):
+    """The trunk both priors share: a causal pre-norm Transformer over the caption tokens (the prior's
+    own token embedding; padding and dropped captions hidden as keys) and the tokens a prior appends
+    after them, whose positions are the prior's own (fixed whatever the caption's length, so a
+    batch's captions can be cut to its longest, ``trim_tokens``, without changing anything)."""
+
+    def __init__(self, *, vocab_size: int, text_ctx: int, embed_dim: int, width: int, depth: int, heads: int,
+                 mlp_ratio: int) -> None:
         super().__init__()
-        if cfg.width % cfg.heads:
-            raise ValueError(f"width {cfg.width} does not split into {cfg.heads} heads")
-        self.cfg = cfg
-        w = cfg.width
-        self.token_embedding = nn.Embedding(cfg.vocab_size, w)
-        # positions of the caption tokens, and of the 4 tokens after them: fixed whatever the caption's
-        # length, so a batch's captions can be cut to its longest (``trim_tokens``) without changing anything
-        self.positional_embedding = nn.Parameter(torch.empty(cfg.text_ctx, w))
-        self.special_positions = nn.Parameter(torch.empty(4, w))
-        self.text_proj = nn.Linear(cfg.embed_dim, w)
-        self.null_text = nn.Parameter(torch.empty(w))  # the text embedding's stand-in when conditioning is dropped
-        self.time_mlp = nn.Sequential(nn.Linear(w, 4 * w), nn.SiLU(), nn.Linear(4 * w, w))
-        self.x_proj = nn.Linear(cfg.embed_dim, w)
-        self.query = nn.Parameter(torch.empty(w))
-        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.ln_final = nn.LayerNorm(w)
-        self.out = nn.Linear(w, cfg.embed_dim)
-        self.init_weights()
+        if width % heads:
+            raise ValueError(f"width {width} does not split into {heads} heads")
+        self.depth = depth
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(text_ctx, width))
+        self.text_proj = nn.Linear(embed_dim, width)
+        self.null_text = nn.Parameter(torch.empty(width))  # the text embedding's stand-in when conditioning is dropped
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.ln_final = nn.LayerNorm(width)
 
     def init_weights(self) -> None:
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.special_positions, std=0.01)
         nn.init.normal_(self.null_text, std=0.02)
-        nn.init.normal_(self.query, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         for b in self.blocks:  # residual branches scaled down with depth (GPT-2)
-            nn.init.normal_(b.proj.weight, std=0.02 / math.sqrt(2 * self.cfg.depth))
-            nn.init.normal_(b.mlp[2].weight, std=0.02 / math.sqrt(2 * self.cfg.depth))
+            nn.init.normal_(b.proj.weight, std=0.02 / math.sqrt(2 * self.depth))
+            nn.init.normal_(b.mlp[2].weight, std=0.02 / math.sqrt(2 * self.depth))
 
     def fsdp_blocks(self) -> list[nn.Module]:
         return list(self.blocks)
+
+    def text_condition(self, text_emb: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        """[N, D] text embeddings -> [N, W] tokens; the learned null vector where ``drop``."""
+        cond = self.text_proj(text_emb)
+        return torch.where(drop[:, None], self.null_text.to(cond.dtype).expand_as(cond), cond)
+
+    def run(self, tokens: torch.Tensor, drop: torch.Tensor, appended: torch.Tensor) -> torch.Tensor:
+        """tokens: [N, L] caption ids (0 pads); drop: [N] bool; appended: [N, R, W] the prior's tokens
+        (positions included). Returns the normalised outputs at the appended positions, [N, R, W]."""
+        n, length = tokens.shape
+        caption = self.token_embedding(tokens) + self.positional_embedding[:length].to(appended.dtype)  # [N, L, W]
+        x = torch.cat([caption, appended], dim=1)  # [N, S = L + R, W]
+        s = x.shape[1]
+        # causal; caption padding (and dropped captions) hidden as keys; a query always sees itself
+        key_ok = torch.cat([(tokens != 0) & ~drop[:, None],
+                            torch.ones(n, appended.shape[1], dtype=torch.bool, device=tokens.device)], 1)
+        causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()
+        allowed = (causal[None] & key_ok[:, None, :]) | torch.eye(s, dtype=torch.bool, device=tokens.device)[None]
+        for block in self.blocks:
+            x = block(x, allowed[:, None])
+        return self.ln_final(x[:, length:])
+
+
+class DiffusionPrior(CaptionTransformer):
+    def __init__(self, cfg: DiffusionPriorConfig) -> None:
+        super().__init__(vocab_size=cfg.vocab_size, text_ctx=cfg.text_ctx, embed_dim=cfg.embed_dim, width=cfg.width,
+                         depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
+        self.cfg = cfg
+        w = cfg.width
+        self.special_positions = nn.Parameter(torch.empty(4, w))  # [text embedding, time, x_t, query]
+        self.time_mlp = nn.Sequential(nn.Linear(w, 4 * w), nn.SiLU(), nn.Linear(4 * w, w))
+        self.x_proj = nn.Linear(cfg.embed_dim, w)
+        self.query = nn.Parameter(torch.empty(w))
+        self.out = nn.Linear(w, cfg.embed_dim)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        nn.init.normal_(self.special_positions, std=0.01)
+        nn.init.normal_(self.query, std=0.02)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, *, tokens: torch.Tensor, text_emb: torch.Tensor,
                 drop: torch.Tensor) -> torch.Tensor:
         """x_t: [N, D] noised (scaled) image embedding; t: [N] timesteps; tokens: [N, L] caption token
         ids (0 pads); text_emb: [N, D] scaled CLIP text embedding; drop: [N] bool, conditioning
         dropped. Returns the predicted clean (scaled) image embedding, [N, D]."""
-        n, length = tokens.shape
-        cond = self.text_proj(text_emb)  # [N, W]
-        cond = torch.where(drop[:, None], self.null_text.to(cond.dtype).expand_as(cond), cond)
-        caption = self.token_embedding(tokens) + self.positional_embedding[:length].to(cond.dtype)  # [N, L, W]
+        cond = self.text_condition(text_emb, drop)  # [N, W]
         special = torch.cat([
             cond[:, None],
             self.time_mlp(timestep_embedding(t, self.cfg.width).to(cond.dtype))[:, None],
             self.x_proj(x_t)[:, None],
-            self.query.to(cond.dtype).expand(n, 1, -1),
+            self.query.to(cond.dtype).expand(len(cond), 1, -1),
         ], dim=1) + self.special_positions.to(cond.dtype)  # [N, 4, W]
-        seq = torch.cat([caption, special], dim=1)  # [N, S = L + 4, W]
-        s = length + 4
-        # causal, caption padding (and dropped captions) hidden as keys; a query always sees itself
-        key_ok = torch.cat([(tokens != 0) & ~drop[:, None], torch.ones(n, 4, dtype=torch.bool, device=tokens.device)], 1)
-        causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()
-        allowed = (causal[None] & key_ok[:, None, :]) | torch.eye(s, dtype=torch.bool, device=tokens.device)[None]
-        x = seq
-        for block in self.blocks:
-            x = block(x, allowed[:, None])
-        return self.out(self.ln_final(x[:, -1]))  # [N, D]
+        return self.out(self.run(tokens, drop, special)[:, -1])  # the query's output: [N, D]
 
     # -- the diffusion around it ----------------------------------------------------------------------
     def diffusion(self) -> GaussianDiffusion:

@@ -209,7 +209,7 @@ def train_clip(cfg: ClipTrainConfig, train_files: pa.Table, eval_files: pa.Table
 def main() -> None:
     """``torchrun ... -m unclip.train.clip --run-dir D --stage clip --context C.json``: writes
     ``D/clip/result.json`` ({"outputs", "metrics", "model"}) from rank 0."""
-    distributed.stage_main("Train CLIP (stage clip) under torchrun.", _from_context)
+    distributed.stage_main("clip", "Train CLIP (stage clip) under torchrun.", _from_context)
 
 
 def _from_context(config, context: dict, out: str, dist: distributed.DistContext) -> dict | None:

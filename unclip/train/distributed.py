@@ -241,7 +241,7 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def stage_main(description: str, train: Callable[..., dict | None]) -> None:
+def stage_main(stage: str, description: str, train: Callable[..., dict | None]) -> None:
     """The body of a training stage's torchrun module (``-m unclip.train.<stage> --run-dir D --stage NAME
     --context C.json``): ``train(config, context, out_dir, dist_context)`` runs on every rank, and what
     rank 0 returns ({"outputs", "metrics", "model"}) is written to ``D/NAME/result.json``."""
@@ -256,7 +256,7 @@ def stage_main(description: str, train: Callable[..., dict | None]) -> None:
     def run() -> None:
         ap = argparse.ArgumentParser(description=description)
         ap.add_argument("--run-dir", required=True)
-        ap.add_argument("--stage", required=True)
+        ap.add_argument("--stage", default=stage)
         ap.add_argument("--context", required=True)
         a = ap.parse_args()
         context = storage.read_json(a.context)

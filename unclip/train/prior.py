@@ -135,16 +135,19 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def tokenizer_arch(release: dict, catalog_uri: str | None, config: RunConfig) -> str:
-    """The open_clip architecture whose tokenizer made the captions' CLIP embeddings: the dataset
-    version's CLIP model version when it came from the catalog, else the embed config's arch."""
+    """The open_clip architecture whose tokenizer goes with the captions' CLIP embeddings: the
+    dataset version's CLIP model version when it came from the catalog, else the architecture its
+    config embedded with, else this run's embed config."""
     version = release.get("clip_model_version")
     if version and catalog_uri:
         from unclip import catalog
 
         return catalog.resolve_model(catalog_uri, version)["arch"]
-    arch = config.embed.model.arch
+    embedded = (((release.get("config") or {}).get("embed") or {}).get("model") or {}).get("arch")
+    arch = embedded or config.embed.model.arch
     if arch is None:
-        raise ValueError("prior_diffusion: the dataset version names no CLIP model version and embed.model no arch")
+        raise ValueError("prior_diffusion: the dataset version names no CLIP model version or architecture, "
+                         "and embed.model no arch")
     return arch
 
 
@@ -217,7 +220,8 @@ def train_diffusion_prior(config: RunConfig, train_files: pa.Table, eval_files: 
 
 def main() -> None:
     """``torchrun ... -m unclip.train.prior --run-dir D --stage prior_diffusion --context C.json``."""
-    distributed.stage_main("Train the diffusion prior (stage prior_diffusion) under torchrun.", _from_context)
+    distributed.stage_main("prior_diffusion", "Train the diffusion prior (stage prior_diffusion) under torchrun.",
+                           _from_context)
 
 
 def _from_context(config: RunConfig, context: dict, out: str, dist: distributed.DistContext) -> dict | None:

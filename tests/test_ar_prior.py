@@ -1,0 +1,109 @@
+"""The AR prior network: teacher forcing, dropped conditioning, codes through the PCA quantiser, sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unclip.data import pca
+from unclip.models import ar_prior as ar
+from unclip.models.ar_prior import ARPrior, ARPriorConfig
+
+CFG = ARPriorConfig(n_codes=6, n_buckets=16, dot_buckets=8, embed_dim=32, width=32, depth=2, heads=4, text_ctx=8,
+                    vocab_size=50)
+
+
+def _batch(n: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, CFG.n_buckets, (n, CFG.n_codes), generator=g)
+    tokens = torch.randint(1, CFG.vocab_size, (n, CFG.text_ctx), generator=g)
+    tokens[:, 4:] = 0
+    text = F.normalize(torch.randn(n, CFG.embed_dim, generator=g), dim=-1)
+    dot = torch.randint(0, CFG.dot_buckets, (n,), generator=g)
+    return codes, tokens, text, dot
+
+
+def test_teacher_forcing_is_causal_and_dropping_hides_the_text():
+    torch.manual_seed(0)
+    model = ARPrior(CFG).eval()
+    codes, tokens, text, dot = _batch()
+    drop = torch.tensor([True, False, True, False, False])
+    logits = model(codes[:, :-1], tokens=tokens, text_emb=text, dot=dot, drop=drop)
+    assert logits.shape == (5, CFG.n_codes, CFG.n_buckets)
+    # position i sees codes before i only: changing the last input code changes only the last logits
+    changed = codes.clone()
+    changed[:, -2] = (changed[:, -2] + 1) % CFG.n_buckets
+    other = model(changed[:, :-1], tokens=tokens, text_emb=text, dot=dot, drop=drop)
+    torch.testing.assert_close(other[:, :-1], logits[:, :-1])
+    assert not torch.allclose(other[:, -1], logits[:, -1])
+    # a prefix gives the same logits as the full teacher-forced pass
+    torch.testing.assert_close(model(codes[:, :2], tokens=tokens, text_emb=text, dot=dot, drop=drop), logits[:, :3])
+    # dropped rows see neither caption nor text embedding, but still the dot-product token
+    other = model(codes[:, :-1], tokens=torch.randint(1, CFG.vocab_size, tokens.shape), text_emb=torch.randn_like(text),
+                  dot=dot, drop=drop)
+    torch.testing.assert_close(other[drop], logits[drop])
+    assert not torch.allclose(other[~drop], logits[~drop])
+    assert not torch.allclose(model(codes[:, :-1], tokens=tokens, text_emb=text, dot=(dot + 1) % 8, drop=drop)[drop],
+                              logits[drop])
+
+
+def test_training_learns_codes_from_the_caption():
+    torch.manual_seed(0)
+    model = ARPrior(CFG)
+    codes, tokens, text, dot = _batch(8, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss, extra = ar.training_loss(model, CFG, codes=codes, tokens=tokens, text_emb=text, dot=dot)
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 2.5 and float(loss) < 0.3 and extra["code_acc"] > 0.9, (first, float(loss), extra)
+    model.eval()
+    greedy = ar.sample(model, tokens=tokens, text_emb=text, dot=dot, temperature=0)
+    assert (greedy == codes).float().mean() > 0.9
+
+
+def test_sampling_shapes_determinism_and_guidance():
+    torch.manual_seed(0)
+    model = ARPrior(CFG).eval()
+    _, tokens, text, dot = _batch(3)
+    a = ar.sample(model, tokens=tokens, text_emb=text, dot=dot, guidance=2.0, generator=torch.Generator().manual_seed(3))
+    b = ar.sample(model, tokens=tokens, text_emb=text, dot=dot, guidance=2.0, generator=torch.Generator().manual_seed(3))
+    assert a.shape == (3, CFG.n_codes) and a.dtype == torch.long and torch.equal(a, b)
+    assert int(a.min()) >= 0 and int(a.max()) < CFG.n_buckets
+
+
+def test_codes_round_trip_through_the_pca_quantiser():
+    # the AR prior's vocabulary is the dataset version's quantiser: encode -> codes -> decode
+    rng = np.random.default_rng(0)
+    basis = rng.standard_normal((8, 64))
+    img = rng.standard_normal((2000, 8)) @ basis + 0.01 * rng.standard_normal((2000, 64))
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt = img + 0.3 * rng.standard_normal(img.shape) / 8
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+
+    def batches(columns=("image_emb", "text_emb")):
+        return iter([(img, txt)])
+
+    model, _ = pca.fit_pca_quantiser(batches, n_components=8, n_buckets=64, dot_buckets=16, seed=0)
+    codes = model.encode(img[:100])
+    assert codes.shape == (100, 8) and codes.max() < 64
+    back = model.decode(codes)
+    cos = (back * img[:100]).sum(1) / np.linalg.norm(back, axis=1)
+    assert cos.mean() > 0.98
+    np.testing.assert_array_equal(model.encode(model.decode(codes)), codes)
+    # the conditioning token: the dot product's bucket, drawn from the upper half at sampling time
+    dots = model.encode_dot((img * txt).sum(1))
+    upper = model.sample_dot_bucket_upper_half(np.random.default_rng(1), 500)
+    assert upper.min() >= model.median_dot_bucket and dots.max() < 16
+
+
+def test_the_paper_ar_prior_on_the_meta_device():
+    with torch.device("meta"):
+        paper = ARPrior(ar.FLAVOURS["paper"])
+    n = sum(p.numel() for p in paper.parameters())
+    print(f"paper AR prior: {n / 1e6:.1f}M parameters")
+    assert 0.9e9 < n < 1.3e9
