@@ -250,6 +250,11 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
            "--stall-at", "7"]
     proc = subprocess.Popen(cmd, env={**os.environ, **ENV}, stdout=subprocess.PIPE, start_new_session=True)
     assert proc.stdout.readline().strip() == b"stalled"
+    # the step-6 checkpoint is written by a thread while step 7 runs: killed before it is whole, the run
+    # would resume from step 3 (also correct); this test kills after it
+    deadline = time.monotonic() + 60
+    while tr.load_step(str(tmp_path / "k")) != 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     assert tr.load_step(str(tmp_path / "k")) == 6

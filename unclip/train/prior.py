@@ -210,6 +210,8 @@ def train_diffusion_prior(config: RunConfig, train_files: pa.Table, eval_files: 
         metrics = {k: v for k, v in history[-1].items() if k not in ("step", "seconds")}
     else:
         metrics = task.evaluate(model) if held.num_rows else {}
+    # the held-out split may hold no shard of the generative sources (small data): say so in the metrics
+    metrics.setdefault("heldout_pairs", 0)
     metrics.update(steps=result.step, train_rows=int(sum(train.column("rows").to_pylist())))
     rel = write_release(model, state["model_config"], arch, storage.join(out_dir, "model"))
     storage.write_json(storage.join(out_dir, "metrics.json"), metrics)

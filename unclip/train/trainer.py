@@ -376,6 +376,8 @@ class Trainer:
         finally:
             model.train(was_training)
             _set_rng_state(rng)
+        if not metrics:  # nothing held out to evaluate on
+            return
         metrics["seconds"] = time.perf_counter() - t0
         for k, v in metrics.items():
             writer.add_scalar(f"{self.task.name}/eval/{k}", v, step)
