@@ -53,9 +53,7 @@ FLAVOURS: dict[str, ARPriorConfig] = {name: ARPriorConfig(**size) for name, size
 
 class ARPrior(CaptionTransformer):
     def __init__(self, cfg: ARPriorConfig) -> None:
-        super().__init__(vocab_size=cfg.vocab_size, text_ctx=cfg.text_ctx, embed_dim=cfg.embed_dim, width=cfg.width,
-                         depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
-        self.cfg = cfg
+        super().__init__(cfg)
         w = cfg.width
         self.dot_embedding = nn.Embedding(cfg.dot_buckets, w)
         self.code_embedding = nn.Embedding(cfg.n_buckets, w)

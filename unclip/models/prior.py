@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,18 +98,19 @@ class CaptionTransformer(nn.Module):
     after them, whose positions are the prior's own (fixed whatever the caption's length, so a
     batch's captions can be cut to its longest, ``trim_tokens``, without changing anything)."""
 
-    def __init__(self, *, vocab_size: int, text_ctx: int, embed_dim: int, width: int, depth: int, heads: int,
-                 mlp_ratio: int) -> None:
+    def __init__(self, cfg: DiffusionPriorConfig | Any) -> None:
+        # cfg: either prior's config; both name vocab_size, text_ctx, embed_dim, width, depth, heads, mlp_ratio
         super().__init__()
-        if width % heads:
-            raise ValueError(f"width {width} does not split into {heads} heads")
-        self.depth = depth
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.positional_embedding = nn.Parameter(torch.empty(text_ctx, width))
-        self.text_proj = nn.Linear(embed_dim, width)
-        self.null_text = nn.Parameter(torch.empty(width))  # the text embedding's stand-in when conditioning is dropped
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
-        self.ln_final = nn.LayerNorm(width)
+        if cfg.width % cfg.heads:
+            raise ValueError(f"width {cfg.width} does not split into {cfg.heads} heads")
+        self.cfg = cfg
+        self.depth = cfg.depth
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.text_ctx, cfg.width))
+        self.text_proj = nn.Linear(cfg.embed_dim, cfg.width)
+        self.null_text = nn.Parameter(torch.empty(cfg.width))  # the text embedding's stand-in when conditioning is dropped
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.ln_final = nn.LayerNorm(cfg.width)
 
     def init_weights(self) -> None:
         nn.init.normal_(self.token_embedding.weight, std=0.02)
@@ -149,9 +151,7 @@ class CaptionTransformer(nn.Module):
 
 class DiffusionPrior(CaptionTransformer):
     def __init__(self, cfg: DiffusionPriorConfig) -> None:
-        super().__init__(vocab_size=cfg.vocab_size, text_ctx=cfg.text_ctx, embed_dim=cfg.embed_dim, width=cfg.width,
-                         depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
-        self.cfg = cfg
+        super().__init__(cfg)
         w = cfg.width
         self.special_positions = nn.Parameter(torch.empty(4, w))  # [text embedding, time, x_t, query]
         self.time_mlp = nn.Sequential(nn.Linear(w, 4 * w), nn.SiLU(), nn.Linear(4 * w, w))
