@@ -353,22 +353,44 @@ class ClipTrainConfig(StageTrainConfig):
         return self
 
 
-class DiffusionPriorTrainConfig(StageTrainConfig):
-    """The diffusion prior (stage ``prior_diffusion``): caption -> CLIP image embedding, trained on the
-    generative sources' stored embeddings (``unclip.models.prior``)."""
+class PriorTrainConfig(StageTrainConfig):
+    """What both priors share: caption -> CLIP image embedding, trained on the generative sources'
+    stored embeddings, evaluated on their held-out rows."""
 
-    flavour: Literal["tiny", "small", "paper"] = Field("tiny", description="Named size (models/prior.py FLAVOURS).")
+    flavour: Literal["tiny", "small", "paper"] = Field("tiny", description="Named size (models/prior.py SIZES).")
     cond_drop: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of training rows whose caption and text "
                              "embedding are dropped, for classifier-free guidance (the paper's 10%).")
-    sample_steps: int = Field(64, ge=1, description="DDIM steps when sampling (evaluation, generation).")
     guidance: float = Field(1.0, ge=0.0, description="Classifier-free guidance scale when sampling; 1 is none.")
-    candidates: int = Field(2, ge=1, description="Samples per caption, the one closest to the text embedding "
-                            "kept (the paper's 2).")
     eval_pairs: int = Field(1000, ge=2, description="Held-out pairs the evaluation samples for.")
     lr: float = Field(3e-4, gt=0.0, description="Peak learning rate.")
     weight_decay: float = Field(0.06, ge=0.0, description="AdamW decay, on 2-D weights only.")
     ema_decay: float | None = Field(0.999, ge=0.0, lt=1.0, description="EMA of the weights; null disables.")
     num_workers: int = Field(0, ge=0, description="Unused: the stored embeddings are read in the training process.")
+
+
+class DiffusionPriorTrainConfig(PriorTrainConfig):
+    """The diffusion prior (stage ``prior_diffusion``, ``unclip.models.prior``)."""
+
+    sample_steps: int = Field(64, ge=1, description="DDIM steps when sampling (evaluation, generation).")
+    candidates: int = Field(2, ge=1, description="Samples per caption, the one closest to the text embedding "
+                            "kept (the paper's 2).")
+
+
+class ARPriorTrainConfig(PriorTrainConfig):
+    """The AR prior (stage ``prior_ar``, ``unclip.models.ar_prior``): the 319 codes of the dataset
+    version's PCA + quantiser (or the run's own ``pca`` stage's), one at a time."""
+
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of the codes; 0 takes the most "
+                               "likely code.")
+
+
+class EvalPriorsConfig(_Strict):
+    """Stage ``eval_priors``: both priors of a run on the same held-out pairs of the generative sources."""
+
+    eval_pairs: int = Field(1000, ge=2, description="Held-out pairs (the same for both priors).")
+    guidance_sweep: tuple[float, ...] = Field((1.0, 2.0, 4.0), min_length=1, description="Guidance scales the "
+                                        "diffusion prior is also measured at (cosine_true at each).")
+    seed: int = Field(0, description="Seed of the sampling noise and the AR prior's dot-product draws.")
 
 
 class TrainConfig(_Strict):
@@ -381,6 +403,8 @@ class TrainConfig(_Strict):
         "embed.model to {catalog: clip@latest} to embed with it. Off: the stage is skipped.")
     clip: ClipTrainConfig = ClipTrainConfig()
     prior_diffusion: DiffusionPriorTrainConfig = DiffusionPriorTrainConfig()
+    prior_ar: ARPriorTrainConfig = ARPriorTrainConfig()
+    eval_priors: EvalPriorsConfig = EvalPriorsConfig()
     eval_fraction: float = Field(
         0.05, gt=0.0, lt=1.0, description="Fraction of a dataset version's shards held out for evaluation "
         "(chosen by a hash of the shard name, so a shard never changes sides as the dataset grows).",

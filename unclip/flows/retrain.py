@@ -64,6 +64,8 @@ class RetrainParams(BaseModel):
     clip: StageSettings = Field(default_factory=StageSettings, description="Stage `clip`: CLIP training.")
     prior_diffusion: StageSettings = Field(default_factory=StageSettings,
                                            description="Stage `prior_diffusion`: the diffusion prior's training.")
+    prior_ar: StageSettings = Field(default_factory=StageSettings, description="Stage `prior_ar`: the AR prior's "
+                                    "training.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Nested config values to override.")
     run_name: str | None = Field(None, description="A label for the run (its id is generated).")
     resume: str | None = Field(None, description="A run id to continue: its finished stages are skipped, the "
@@ -76,7 +78,7 @@ class RetrainParams(BaseModel):
         return deep_merge(self.overrides, {"train": typed}) if typed else dict(self.overrides)
 
 
-TRAIN_STAGE_FIELDS = ("clip", "prior_diffusion")
+TRAIN_STAGE_FIELDS = ("clip", "prior_diffusion", "prior_ar")
 
 
 class EvaluateParams(BaseModel):
@@ -136,8 +138,8 @@ def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], wher
                                               "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()}
         run.setdefault("metrics", {}).update({f"{name}/{k}": v for k, v in result["metrics"].items()
                                               if isinstance(v, (int, float, str, bool))})
-        if name == "pca":
-            run["pca_version"] = result["metrics"]["pca_version"]
+        if name == "pca":  # the models trained after it in this run are coded with it (the AR prior)
+            run["pca_version"] = ctx.lineage["pca_version"] = result["metrics"]["pca_version"]
         log.info("%s: %s", name, json.dumps(result["metrics"], default=str)[:500])
     run["state"] = "completed"
     return catalog.save_run(where, run)

@@ -77,10 +77,19 @@ class ARPrior(CaptionTransformer):
         k = codes.shape[1]
         if k >= self.cfg.n_codes:
             raise ValueError(f"give at most {self.cfg.n_codes - 1} codes; the last one is only predicted")
-        cond = self.text_condition(text_emb * math.sqrt(self.cfg.embed_dim), drop)  # [N, W]
-        appended = torch.cat([cond[:, None], self.dot_embedding(dot)[:, None], self.code_embedding(codes)], dim=1)
-        appended = appended + self.code_positions[: k + 2].to(cond.dtype)  # [N, k + 2, W]
+        prefix = self.prefix(text_emb, dot, drop)  # [N, 2, W]
+        appended = torch.cat([prefix, self.code_tokens(codes, 0)], dim=1)  # [N, k + 2, W]
         return self.head(self.run(tokens, drop, appended)[:, 1:])  # from the dot token on: [N, k + 1, n_buckets]
+
+    def prefix(self, text_emb: torch.Tensor, dot: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        """The tokens after the caption: [text embedding (or the null vector), dot product], [N, 2, W]."""
+        cond = self.text_condition(text_emb * math.sqrt(self.cfg.embed_dim), drop)  # [N, W]
+        return torch.stack([cond, self.dot_embedding(dot).to(cond.dtype)], dim=1) + self.code_positions[:2].to(cond.dtype)
+
+    def code_tokens(self, codes: torch.Tensor, first: int) -> torch.Tensor:
+        """Codes [N, k] that are codes ``first .. first + k - 1`` of the sequence, as tokens [N, k, W]."""
+        k = codes.shape[1]
+        return self.code_embedding(codes) + self.code_positions[first + 2: first + 2 + k]
 
 
 def training_loss(model: nn.Module, cfg: ARPriorConfig, *, codes: torch.Tensor, tokens: torch.Tensor,
@@ -97,23 +106,31 @@ def training_loss(model: nn.Module, cfg: ARPriorConfig, *, codes: torch.Tensor, 
 @torch.no_grad()
 def sample(model: ARPrior, *, tokens: torch.Tensor, text_emb: torch.Tensor, dot: torch.Tensor, guidance: float = 1.0,
            temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Codes [N, n_codes] drawn one at a time (guidance on the logits: uncond + s (cond - uncond))."""
+    """Codes [N, n_codes] drawn one at a time with a key/value cache (one token per block and code
+    after the prefix). Guidance on the logits: uncond + s (cond - uncond), the conditional and the
+    unconditional rows in one batch. ``temperature`` 0 takes the most likely code."""
     cfg = model.cfg
     n, device = len(tokens), tokens.device
     keep = torch.zeros(n, dtype=torch.bool, device=device)
-    codes = torch.zeros(n, 0, dtype=torch.long, device=device)
-    for _ in range(cfg.n_codes):
-        if guidance == 1.0:
-            logits = model(codes, tokens=tokens, text_emb=text_emb, dot=dot, drop=keep)[:, -1]
-        else:
-            both = model(torch.cat([codes, codes]), tokens=torch.cat([tokens, tokens]),
-                         text_emb=torch.cat([text_emb, text_emb]), dot=torch.cat([dot, dot]),
-                         drop=torch.cat([keep, ~keep]))[:, -1]
-            cond, uncond = both.chunk(2)
+    if guidance != 1.0:  # rows [cond; uncond]
+        tokens, text_emb, dot = torch.cat([tokens, tokens]), torch.cat([text_emb, text_emb]), torch.cat([dot, dot])
+        drop = torch.cat([keep, ~keep])
+    else:
+        drop = keep
+    cache: dict = {}
+    hidden = model.run(tokens, drop, model.prefix(text_emb, dot, drop), cache=cache)[:, -1]  # the dot token's output
+    codes = []
+    for i in range(cfg.n_codes):
+        logits = model.head(hidden)
+        if guidance != 1.0:
+            cond, uncond = logits.chunk(2)
             logits = uncond + guidance * (cond - uncond)
         if temperature <= 0:
             nxt = logits.argmax(-1, keepdim=True)
         else:
             nxt = torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1, generator=generator)
-        codes = torch.cat([codes, nxt], dim=1)
-    return codes
+        codes.append(nxt)
+        if i + 1 < cfg.n_codes:
+            step = nxt if guidance == 1.0 else torch.cat([nxt, nxt])
+            hidden = model.run(None, drop, model.code_tokens(step, i), cache=cache)[:, -1]
+    return torch.cat(codes, dim=1)

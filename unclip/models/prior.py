@@ -83,10 +83,15 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        # x: [N, S, W]; allowed: [N, 1, S, S] bool, True where a query may attend to a key
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, kv: dict | None = None) -> torch.Tensor:
+        # x: [N, S, W]; allowed: [N, 1, S, S + cached] bool, True where a query may attend to a key;
+        # kv: this block's cache of keys and values (read, then extended by x's) when decoding step by step
         n, s, w = x.shape
         q, k, v = self.qkv(self.ln_1(x)).reshape(n, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        if kv is not None:
+            if kv:
+                k, v = torch.cat([kv["k"], k], dim=2), torch.cat([kv["v"], v], dim=2)
+            kv["k"], kv["v"] = k, v
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # [N, H, S, W/H]
         x = x + self.proj(a.transpose(1, 2).reshape(n, s, w))
         return x + self.mlp(self.ln_2(x))
@@ -132,9 +137,16 @@ class CaptionTransformer(nn.Module):
         cond = self.text_proj(text_emb)
         return torch.where(drop[:, None], self.null_text.to(cond.dtype).expand_as(cond), cond)
 
-    def run(self, tokens: torch.Tensor, drop: torch.Tensor, appended: torch.Tensor) -> torch.Tensor:
+    def run(self, tokens: torch.Tensor | None, drop: torch.Tensor, appended: torch.Tensor,
+            cache: dict | None = None) -> torch.Tensor:
         """tokens: [N, L] caption ids (0 pads); drop: [N] bool; appended: [N, R, W] the prior's tokens
-        (positions included). Returns the normalised outputs at the appended positions, [N, R, W]."""
+        (positions included). Returns the normalised outputs at the appended positions, [N, R, W].
+
+        ``cache`` (an empty dict, then the same dict) decodes step by step: the first call runs the
+        caption and ``appended`` and keeps every block's keys and values; each later call passes
+        ``tokens=None`` and only the new appended tokens, which attend to everything before them."""
+        if cache:
+            return self._run_cached(appended, cache)
         n, length = tokens.shape
         caption = self.token_embedding(tokens) + self.positional_embedding[:length].to(appended.dtype)  # [N, L, W]
         x = torch.cat([caption, appended], dim=1)  # [N, S = L + R, W]
@@ -144,9 +156,23 @@ class CaptionTransformer(nn.Module):
                             torch.ones(n, appended.shape[1], dtype=torch.bool, device=tokens.device)], 1)
         causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()
         allowed = (causal[None] & key_ok[:, None, :]) | torch.eye(s, dtype=torch.bool, device=tokens.device)[None]
-        for block in self.blocks:
-            x = block(x, allowed[:, None])
+        if cache is not None:
+            cache.update(key_ok=key_ok, blocks=[{} for _ in self.blocks])
+        for i, block in enumerate(self.blocks):
+            x = block(x, allowed[:, None], None if cache is None else cache["blocks"][i])
         return self.ln_final(x[:, length:])
+
+    def _run_cached(self, appended: torch.Tensor, cache: dict) -> torch.Tensor:
+        n, r, _ = appended.shape
+        before = cache["key_ok"].shape[1]
+        new_ok = torch.ones(n, r, dtype=torch.bool, device=appended.device)
+        cache["key_ok"] = key_ok = torch.cat([cache["key_ok"], new_ok], 1)  # [N, before + r]
+        causal = torch.ones(r, before + r, dtype=torch.bool, device=appended.device).tril(diagonal=before)
+        allowed = (causal[None] & key_ok[:, None, :])[:, None]  # [N, 1, r, before + r]
+        x = appended
+        for block, kv in zip(self.blocks, cache["blocks"]):
+            x = block(x, allowed, kv)
+        return self.ln_final(x)
 
 
 class DiffusionPrior(CaptionTransformer):

@@ -184,24 +184,12 @@ def train_clip(cfg: ClipTrainConfig, train_files: pa.Table, eval_files: pa.Table
     result = trainer.run()
     if not trainer.main:
         return None
-    from unclip.train.trainer import load_checkpoint
-
-    state = load_checkpoint(result.checkpoint)
-    model = task.build_model(state["model_config"])
-    if state.get("ema") is not None:  # the EMA's weights are released (AveragedModel keys: module.*)
-        model.load_state_dict({k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")})
-    else:
-        model.load_state_dict(state["model"])
-    metrics: dict[str, Any] = {}
-    history = trainer.eval_history()
-    if history and history[-1]["step"] == result.step:  # the trainer evaluated these weights already
-        metrics.update({k: v for k, v in history[-1].items() if k not in ("step", "seconds")})
-    elif eval_files.num_rows:
-        metrics.update(evaluate(model, task.preprocess_val, task.tokenizer, eval_files, device=trainer.ctx.device))
+    model, model_config, found = trainer.released(result)
+    metrics: dict[str, Any] = dict(found)
     seen = sum(task.counts.values())
     metrics.update({f"mix/{s}": n / seen for s, n in sorted(task.counts.items())} if seen else {})
     metrics.update(steps=result.step, samples_seen=seen)
-    release = write_release(model, state["model_config"], storage.join(out_dir, "model"))
+    release = write_release(model, model_config, storage.join(out_dir, "model"))
     storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
     return ClipRun(result, release, metrics)
 

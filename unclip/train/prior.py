@@ -33,7 +33,7 @@ from unclip.data.retrieval import RecallCounter
 from unclip.models import prior as prior_model
 from unclip.models.prior import DiffusionPrior, DiffusionPriorConfig
 from unclip.train import distributed
-from unclip.train.trainer import Trainer, load_checkpoint
+from unclip.train.trainer import Trainer
 
 RECALL_AT = (1, 5)
 
@@ -90,31 +90,43 @@ def evaluate_prior(model: DiffusionPrior, held: dict[str, Any], tokenizer, *, st
                    candidates: int, seed: int = 0, batch_size: int = 256) -> dict[str, float]:
     """Held-out cosine and retrieval metrics of a diffusion prior (see the module docstring)."""
     device = next(model.parameters()).device
+    tokens = tokenizer(held["caption"])
+    txt = F.normalize(torch.from_numpy(held["text_emb"]), dim=-1)
+
+    def predictor(k: int):
+        def predict(index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+            return prior_model.sample(model, text_emb=txt[index].to(device), tokens=tokens[index].to(device),
+                                      guidance=guidance, steps=steps, candidates=k, generator=g)
+        return predict
+
+    metrics = prediction_metrics(held, predictor(candidates), seed=seed, device=device, batch_size=batch_size)
+    one = predictions(predictor(1), torch.arange(len(txt)), seed * 1_000_003 + 1, device, batch_size)
+    metrics["cosine_true_1"] = float((one * F.normalize(torch.from_numpy(held["image_emb"]), dim=-1)).sum(-1).mean())
+    return metrics
+
+
+def predictions(predict, index: torch.Tensor, seed: int, device, batch_size: int) -> torch.Tensor:
+    """``predict(index_batch, generator)`` over ``index`` in batches, one seeded generator: [n, D] on the CPU."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.cat([F.normalize(predict(index[i:i + batch_size], g).float(), dim=-1).cpu()
+                      for i in range(0, len(index), batch_size)])
+
+
+def prediction_metrics(held: dict[str, Any], predict, *, seed: int, device, batch_size: int = 256) -> dict[str, float]:
+    """The metrics both priors share, for ``predict(index, generator) -> [len(index), D]`` image
+    embeddings of held-out captions ``index``: cosine with the true image embedding, the text
+    embedding's cosine (the baseline), the cosine of another pair's prediction (unrelated), and
+    image-to-image recall@k of the predictions among the held-out images."""
     img = F.normalize(torch.from_numpy(held["image_emb"]), dim=-1)
     txt = F.normalize(torch.from_numpy(held["text_emb"]), dim=-1)
-    tokens = tokenizer(held["caption"])
     n = len(img)
-    shift = torch.roll(torch.arange(n), 1)  # another pair's caption for each image
-
-    def predict(index: torch.Tensor, k: int, salt: int) -> torch.Tensor:
-        out = []
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + salt)
-        for i in range(0, len(index), batch_size):
-            j = index[i:i + batch_size]
-            out.append(prior_model.sample(model, text_emb=txt[j].to(device), tokens=tokens[j].to(device),
-                                          guidance=guidance, steps=steps, candidates=k, generator=g).cpu())
-        return torch.cat(out)
-
-    every = torch.arange(n)
-    best = predict(every, candidates, 0)
-    one = predict(every, 1, 1)
-    unrelated = predict(shift, candidates, 2)
+    best = predictions(predict, torch.arange(n), seed * 1_000_003, device, batch_size)
+    unrelated = predictions(predict, torch.roll(torch.arange(n), 1), seed * 1_000_003 + 2, device, batch_size)
     recall = RecallCounter(ks=RECALL_AT)
     recall.add(best.numpy(), img.numpy())
     r = recall.result()
     metrics = {
         "cosine_true": float((best * img).sum(-1).mean()),
-        "cosine_true_1": float((one * img).sum(-1).mean()),
         "cosine_text_baseline": float((txt * img).sum(-1).mean()),
         "cosine_unrelated": float((unrelated * img).sum(-1).mean()),
         "heldout_pairs": n, "gallery": r["gallery"],
@@ -151,28 +163,70 @@ def tokenizer_arch(release: dict, catalog_uri: str | None, config: RunConfig) ->
     return arch
 
 
-def write_release(model: DiffusionPrior, model_config: dict, arch: str, folder: str) -> dict:
-    """``prior.json`` (the network's config and the tokenizer's arch) and ``model.safetensors`` (EMA weights):
-    ``DiffusionPrior(DiffusionPriorConfig(**json["prior"]))`` then ``load_state_dict(safetensors)``."""
+def write_release(model: nn.Module, model_config: dict, arch: str, folder: str, *, kind: str,
+                  files: dict[str, bytes] | None = None) -> dict:
+    """``prior.json`` (the stage, the network's config and the tokenizer's arch), ``model.safetensors``
+    (the EMA weights) and any further ``files`` (the AR prior's PCA): ``load_release`` rebuilds it."""
     import hashlib
 
     from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    data = save(state, metadata={"kind": "prior_diffusion"})
+    data = save(state, metadata={"kind": kind})
     weights_uri = storage.write_bytes(storage.join(folder, WEIGHTS_FILE), data)
-    storage.write_json(storage.join(folder, "prior.json"), {**model_config, "tokenizer": arch})
+    for name, blob in (files or {}).items():
+        storage.write_bytes(storage.join(folder, name), blob)
+    storage.write_json(storage.join(folder, "prior.json"), {"kind": kind, **model_config, "tokenizer": arch})
     return {"uri": folder, "weights": weights_uri, "arch": arch, "weights_sha256": hashlib.sha256(data).hexdigest(),
             "parameters": sum(v.numel() for v in state.values()), "flavour": model_config["flavour"]}
 
 
-def load_release(folder: str) -> tuple[DiffusionPrior, dict]:
+def load_release(folder: str) -> tuple[nn.Module, dict]:
+    """A released prior (either kind) in eval mode, and its ``prior.json``."""
     from safetensors.torch import load
 
+    from unclip.models.ar_prior import ARPrior, ARPriorConfig
+
     meta = storage.read_json(storage.join(folder, "prior.json"))
-    model = DiffusionPrior(DiffusionPriorConfig(**meta["prior"]))
+    kind = meta.get("kind", "prior_diffusion")
+    model = ARPrior(ARPriorConfig(**meta["prior"])) if kind == "prior_ar" else \
+        DiffusionPrior(DiffusionPriorConfig(**meta["prior"]))
     model.load_state_dict(load(storage.read_bytes(storage.join(folder, WEIGHTS_FILE))))
     return model.eval(), meta
+
+
+def prior_data(config: RunConfig, train_files: pa.Table, eval_files: pa.Table, stage: str) -> tuple[pa.Table, pa.Table]:
+    """The training and held-out files of the generative sources; an error when no training row is left."""
+    generative = [s.name for s in config.sources if s.for_generative]
+    train, held = generative_files(train_files, generative), generative_files(eval_files, generative)
+    if not train.num_rows:
+        raise ValueError(f"{stage}: no training rows from the generative sources {generative}")
+    return train, held
+
+
+def caption_tokenizer(release: dict, catalog_uri: str | None, config: RunConfig):
+    """(arch, open_clip tokenizer) of the CLIP that embedded the dataset version's captions."""
+    import open_clip
+
+    from unclip.data import clip as clip_data
+
+    arch = tokenizer_arch(release, catalog_uri, config)
+    clip_data.register_project_configs()
+    return arch, open_clip.get_tokenizer(arch)
+
+
+def finish(trainer: Trainer, result, out_dir: str, arch: str, kind: str, train: pa.Table,
+           files: dict[str, bytes] | None = None) -> dict:
+    """Rank 0 after training: the released weights' metrics, the release folder, the stage result."""
+    model, model_config, metrics = trainer.released(result)
+    # the held-out split may hold no shard of the generative sources (small data): say so in the metrics
+    metrics.setdefault("heldout_pairs", 0)
+    metrics.update(steps=result.step, train_rows=int(sum(train.column("rows").to_pylist())))
+    rel = write_release(model, model_config, arch, storage.join(out_dir, "model"), kind=kind, files=files)
+    storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
+    return {"outputs": {"model": rel["uri"], "checkpoint": result.checkpoint,
+                        "tensorboard": storage.join(out_dir, "tensorboard")},
+            "metrics": metrics, "model": {"kind": kind, **rel, "resumed_from": result.resumed_from}}
 
 
 def train_diffusion_prior(config: RunConfig, train_files: pa.Table, eval_files: pa.Table, out_dir: str, *,
@@ -180,44 +234,14 @@ def train_diffusion_prior(config: RunConfig, train_files: pa.Table, eval_files: 
                           strategy: str = "ddp", ctx: distributed.DistContext | None = None) -> dict | None:
     """Train on the generative sources' training rows, then (rank 0) evaluate the EMA weights on their
     held-out rows and write the release folder. Returns the stage result ({"outputs", "metrics", "model"})."""
-    import open_clip
-
-    from unclip.data import clip as clip_data
-
     cfg = config.train.prior_diffusion
-    generative = [s.name for s in config.sources if s.for_generative]
-    train, held = generative_files(train_files, generative), generative_files(eval_files, generative)
-    if not train.num_rows:
-        raise ValueError(f"prior_diffusion: no training rows from the generative sources {generative}")
-    arch = tokenizer_arch(release, catalog_uri, config)
-    clip_data.register_project_configs()
-    tokenizer = open_clip.get_tokenizer(arch)
+    train, held = prior_data(config, train_files, eval_files, "prior_diffusion")
+    arch, tokenizer = caption_tokenizer(release, catalog_uri, config)
     task = DiffusionPriorTask(cfg, train, held, tokenizer, embed_dim=embeddings.EMBED_DIM,
                               text_ctx=getattr(tokenizer, "context_length", 77))
     trainer = Trainer(task, cfg, out_dir, lineage=lineage, strategy=strategy, ctx=ctx)
     result = trainer.run()
-    if not trainer.main:
-        return None
-    state = load_checkpoint(result.checkpoint)
-    model = task.build_model(state["model_config"])
-    if state.get("ema") is not None:
-        model.load_state_dict({k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")})
-    else:
-        model.load_state_dict(state["model"])
-    model.eval()
-    history = trainer.eval_history()
-    if history and history[-1]["step"] == result.step:
-        metrics = {k: v for k, v in history[-1].items() if k not in ("step", "seconds")}
-    else:
-        metrics = task.evaluate(model) if held.num_rows else {}
-    # the held-out split may hold no shard of the generative sources (small data): say so in the metrics
-    metrics.setdefault("heldout_pairs", 0)
-    metrics.update(steps=result.step, train_rows=int(sum(train.column("rows").to_pylist())))
-    rel = write_release(model, state["model_config"], arch, storage.join(out_dir, "model"))
-    storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
-    return {"outputs": {"model": rel["uri"], "checkpoint": result.checkpoint,
-                        "tensorboard": storage.join(out_dir, "tensorboard")},
-            "metrics": metrics, "model": {"kind": "prior_diffusion", **rel, "resumed_from": result.resumed_from}}
+    return finish(trainer, result, out_dir, arch, "prior_diffusion", train) if trainer.main else None
 
 
 def main() -> None:

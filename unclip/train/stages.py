@@ -18,6 +18,10 @@ Registered here, on what the data half produces:
   (``unclip.train.clip``), evaluated on the held-out split and released as a model version.
 - ``prior_diffusion`` (train, GPU, under torchrun): the diffusion prior on the generative sources'
   stored embeddings (``unclip.train.prior``), evaluated on their held-out rows, released as a model version.
+- ``prior_ar`` (train, GPU, under torchrun): the AR prior on the same rows, coded by the run's PCA (its
+  ``pca`` stage's, else the dataset version's; ``unclip.train.prior_ar``), released with that PCA.
+- ``eval_priors`` (eval): the run's priors side by side on the same held-out pairs, metrics
+  ``<prior>/<metric>`` and a table artifact (``unclip.train.eval_priors``).
 """
 
 from __future__ import annotations
@@ -146,8 +150,6 @@ def _stage_clip(ctx: StageContext) -> dict:
             "metrics": done.metrics, "model": {"kind": "clip", **done.release}}
 
 
-register(Stage("clip", "train", _stage_clip, "CLIP (open_clip) on the mix of every source, released as a model "
-               "version", gpu=True, module="unclip.train.clip"))
 def _stage_prior_diffusion(ctx: StageContext) -> dict:
     """In-process diffusion prior training (``retrain`` launches ``unclip.train.prior`` under torchrun)."""
     from unclip.train import prior as prior_train
@@ -157,9 +159,38 @@ def _stage_prior_diffusion(ctx: StageContext) -> dict:
                                              catalog_uri=ctx.catalog, lineage=ctx.lineage)
 
 
+def _stage_prior_ar(ctx: StageContext) -> dict:
+    """In-process AR prior training (``retrain`` launches ``unclip.train.prior_ar`` under torchrun)."""
+    from unclip.train import prior_ar
+
+    return prior_ar.train_ar_prior(ctx.config, ctx.train_files, ctx.eval_files, storage.join(ctx.run_dir, "prior_ar"),
+                                   release=ctx.release, previous=ctx.previous, catalog_uri=ctx.catalog,
+                                   lineage=ctx.lineage)
+
+
+def _stage_eval_priors(ctx: StageContext) -> dict:
+    import torch
+
+    from unclip.tasks.common import publish_table
+    from unclip.train import eval_priors
+
+    done = eval_priors.evaluate_priors(ctx.config, ctx.eval_files, ctx.previous, storage.join(ctx.run_dir, "eval_priors"),
+                                       device="cuda" if torch.cuda.is_available() else "cpu")
+    publish_table("eval_priors", "table", done["rows"], f"run {ctx.run_id}: both priors on the same held-out pairs")
+    return {"outputs": done["outputs"], "metrics": done["metrics"]}
+
+
+# in pipeline order (``retrain`` runs the chosen stages in this order)
+register(Stage("clip", "train", _stage_clip, "CLIP (open_clip) on the mix of every source, released as a model "
+               "version", gpu=True, module="unclip.train.clip"))
+register(Stage("pca", "train", _stage_pca, "PCA (319 of 1024) + 1024-bucket quantiser for the AR prior"))
 register(Stage("prior_diffusion", "train", _stage_prior_diffusion, "the diffusion prior (caption -> CLIP image "
                "embedding) on the generative sources, released as a model version", gpu=True,
                module="unclip.train.prior"))
-register(Stage("pca", "train", _stage_pca, "PCA (319 of 1024) + 1024-bucket quantiser for the AR prior"))
+register(Stage("prior_ar", "train", _stage_prior_ar, "the AR prior (caption -> the PCA codes of the CLIP image "
+               "embedding) on the generative sources, released as a model version with its PCA", gpu=True,
+               module="unclip.train.prior_ar"))
 register(Stage("eval_pca", "eval", _stage_eval_pca, "held-out reconstruction error of the PCA + quantiser"))
 register(Stage("eval_retrieval", "eval", _stage_eval_retrieval, "held-out image<->text recall@k of the CLIP"))
+register(Stage("eval_priors", "eval", _stage_eval_priors, "both priors of the run on the same held-out pairs "
+               "(cosines, retrieval, likelihood, a guidance sweep)"))

@@ -328,6 +328,25 @@ class Trainer:
         self._progress(step, {"done": True})
         return TrainResult(step=step, checkpoint=last_ckpt or "", resumed_from=resumed_from)
 
+    def released(self, result: TrainResult) -> tuple[nn.Module, dict, dict[str, Any]]:
+        """After ``run`` (rank 0): the network a stage releases, rebuilt from the final checkpoint with
+        its EMA weights (the live ones when there is no EMA), in eval mode; its model config; and its
+        held-out metrics: the trainer's evaluation at the final step when it made one, else the task's
+        ``evaluate`` now (empty when the task has none)."""
+        state = load_checkpoint(result.checkpoint)
+        model = self.task.build_model(state["model_config"])
+        if state.get("ema") is not None:  # AveragedModel's keys: module.*
+            model.load_state_dict({k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")})
+        else:
+            model.load_state_dict(state["model"])
+        model.to(self.ctx.device).eval()
+        history = self.eval_history()
+        if history and history[-1]["step"] == result.step:
+            metrics = {k: v for k, v in history[-1].items() if k not in ("step", "seconds")}
+        else:
+            metrics = dict(self.task.evaluate(model)) if hasattr(self.task, "evaluate") else {}
+        return model, state["model_config"], metrics
+
     # -- pieces --------------------------------------------------------------------------------------
     def _writer(self):
         if not self.main:
