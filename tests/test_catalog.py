@@ -109,6 +109,11 @@ def test_held_out_shards_never_change_sides_as_the_dataset_grows():
     assert 0 < held_small.num_rows < 30 and train_big.num_rows + held_big.num_rows == 400
     assert set(held_small.column("shard").to_pylist()) <= set(held_big.column("shard").to_pylist())
     assert split_files(files.slice(0, 2), 0.0001)[1].num_rows == 1, "two shards: one is held out"
+    # and one of each source that has two or more, however small the fraction
+    two = pa.table({"shard": [f"s{i}" for i in range(7)], "rows": [1] * 7, "source": list("aaaaabc")})
+    assert sorted(split_files(two, 0.0001)[1].column("source").to_pylist()) == ["a"]
+    three = pa.table({"shard": [f"s{i}" for i in range(7)], "rows": [1] * 7, "source": list("aaaabbc")})
+    assert sorted(split_files(three, 0.0001)[1].column("source").to_pylist()) == ["a", "b"]
 
 
 def test_task_run_names_give_the_shard_ranges():

@@ -11,10 +11,12 @@ refreshes started at once (the second waits for the first's lock; every version 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -175,17 +177,21 @@ def test_retrain_and_evaluate_through_their_deployments(service, first):
     schema = service["deployments"]["retrain"]["parameter_openapi_schema"]
     fields = schema["definitions"]["RetrainParams"]["properties"]
     assert {"dataset_version", "stages", "config", "overrides", "run_name", "clip", "resume"} <= set(fields)
-    assert fields["stages"]["items"]["enum"] == ["clip", "prior_diffusion", "pca", "eval_pca", "eval_retrieval"]
-    assert {"clip", "prior_diffusion"} <= set(fields)
+    assert fields["stages"]["items"]["enum"] == ["clip", "pca", "prior_diffusion", "prior_ar", "eval_pca",
+                                                 "eval_retrieval", "eval_priors"]
+    assert {"clip", "prior_diffusion", "prior_ar"} <= set(fields)
     settings = schema["definitions"]["StageSettings"]["properties"]
     assert {"steps", "batch_size", "lr", "checkpoint_every", "seed"} <= set(settings)
-    # CLIP and the diffusion prior train under torchrun for a few steps set in the form's typed fields
+    # CLIP and both priors train under torchrun for a few steps set in the form's typed fields
     run = _wait(server, _trigger(service, "retrain", {"params": {
         "workdir": str(workdir), "run_name": "ci", "clip": {"steps": 3, "batch_size": 16, "warmup_steps": 1},
         "prior_diffusion": {"steps": 2, "batch_size": 8, "warmup_steps": 1},
-        "overrides": {"train": {"prior_diffusion": {"eval_pairs": 32, "sample_steps": 4}}}}}))
+        "prior_ar": {"steps": 2, "batch_size": 8, "warmup_steps": 1},
+        "overrides": {"train": {"prior_diffusion": {"eval_pairs": 32, "sample_steps": 4},
+                                "prior_ar": {"eval_pairs": 16, "flavour": "micro"},
+                                "eval_priors": {"eval_pairs": 16, "guidance_sweep": [2.0]}}}}}))
     assert run["state_type"] == "COMPLETED"
-    assert run["name"].startswith("retrain: clip,prior_diffusion,pca,eval_pca,eval_retrieval on latest")
+    assert run["name"].startswith("retrain: clip,pca,prior_diffusion,prior_ar,eval_pca,eval_retrieval,eval_priors on")
     runs = catalog.runs(str(workdir / "catalog"))
     assert len(runs) == 1 and runs[0]["state"] == "completed" and runs[0]["name"] == "ci"
     latest = catalog.latest(str(workdir / "catalog"), "demo")
@@ -200,6 +206,18 @@ def test_retrain_and_evaluate_through_their_deployments(service, first):
     prior = catalog.models(str(workdir / "catalog"), "prior_diffusion")
     assert [m["version"] for m in prior] == [runs[0]["models"]["prior_diffusion"]]
     assert prior[0]["dataset_version"] == latest["version"] and prior[0]["flavour"] == "tiny"
+    # the AR prior is coded by the PCA this run fitted, which its lineage names
+    ar = catalog.models(str(workdir / "catalog"), "prior_ar")
+    assert [m["version"] for m in ar] == [runs[0]["models"]["prior_ar"]] and ar[0]["flavour"] == "micro"
+    assert ar[0]["pca_version"] == runs[0]["pca_version"] == runs[0]["metrics"]["pca/pca_version"]
+    assert runs[0]["metrics"]["prior_ar/steps"] == 2
+    if held_out:  # both priors side by side on the same pairs
+        for p in ("prior_diffusion", "prior_ar"):
+            assert -1 <= runs[0]["metrics"][f"eval_priors/{p}/cosine_true"] <= 1
+        assert "eval_priors/prior_diffusion/cosine_true@guidance_2" in runs[0]["metrics"]
+        assert runs[0]["metrics"]["eval_priors/prior_ar/nll_per_code_uniform"] == pytest.approx(np.log(1024))
+        arts = _artifacts(server, [run["id"]])
+        assert "prior_ar" in json.dumps(arts["eval-priors-table"]["data"])
     ev = _wait(server, _trigger(service, "evaluate", {"params": {"workdir": str(workdir),
                                                                  "run_id": runs[0]["run_id"],
                                                                  "stages": ["eval_pca"]}}))

@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=2000, help="image-caption pairs to generate (default 2000)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--config", default=str(DEMO_CONFIG), help="demo run config (default configs/demo.yaml)")
+    d.add_argument("--train-stages", default="prior_diffusion,prior_ar,eval_priors", metavar="STAGES",
+                   help="comma-separated stages `retrain` runs on the released version after the data pipeline "
+                   "(default: both priors and eval_priors; '' for none)")
 
     d.add_argument("--ui", action="store_true",
                    help="run against the local Prefect server of `unclip server --workdir` (started if needed)")
@@ -126,13 +129,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     until = stages[-1]
+    train_stages = None
+    if args.command == "demo":
+        from unclip.train import stages as registered
+
+        train_stages = [s.strip() for s in args.train_stages.split(",") if s.strip()]
+        unknown = [s for s in train_stages if s not in registered.REGISTRY]
+        if unknown:
+            print(f"unclip: error: --train-stages: unknown stage(s) {unknown}; choose from "
+                  f"{', '.join(registered.names())}", file=sys.stderr)
+            return 2
     ui = _ui_server(workdir) if getattr(args, "ui", False) else None
     start = time.monotonic()
     try:
         if args.command == "demo":
             from unclip.flows.demo import demo_flow
 
-            records = demo_flow(config=config, workdir=workdir, size=args.size, seed=args.seed, until=until)
+            records = demo_flow(config=config, workdir=workdir, size=args.size, seed=args.seed, until=until,
+                                train_stages=train_stages)
         else:
             from unclip.flows.data import data_pipeline
 
@@ -317,16 +331,43 @@ KEY_METRICS = ("heldout_relative_mse_pca_quantised", "t2i_recall@5", "i2t_recall
                "explained_variance_ratio_kept")
 
 
+PRIOR_SUMMARY = ("cosine_true", "cosine_true_1", "cosine_text_baseline", "cosine_unrelated", "i2i_recall@1",
+                 "i2i_recall@5", "i2i_recall@5_chance", "nll_per_code", "nll_per_code_uniform", "code_acc",
+                 "code_acc_chance", "cosine_true_ceiling", "heldout_pairs")
+
+
+def training_summary(run: dict) -> list[str]:
+    """The demo's training run: its models and, from ``eval_priors``, both priors side by side."""
+    lines = ["", f"training run {run['run_id']} ({run['state']}); `unclip runs --workdir ...` lists it"]
+    lines += [f"  model {name}: {version}" for name, version in run.get("models", {}).items()]
+    metrics = run.get("metrics", {})
+    priors = [p for p in ("prior_diffusion", "prior_ar") if any(k.startswith(f"eval_priors/{p}/") for k in metrics)]
+    if priors:
+        lines += ["", "priors on the same held-out pairs (eval_priors):", f"  {'metric':<24}" +
+                  "".join(f"{p:>18}" for p in priors)]
+        for m in PRIOR_SUMMARY:
+            vals = [metrics.get(f"eval_priors/{p}/{m}") for p in priors]
+            if any(v is not None for v in vals):
+                lines.append(f"  {m:<24}" + "".join(f"{'-':>18}" if v is None else f"{v:>18.4g}" for v in vals))
+        sweep = sorted((float(k.rsplit("_", 1)[1]), v) for k, v in metrics.items()
+                       if k.startswith("eval_priors/prior_diffusion/cosine_true@guidance_"))
+        if sweep:
+            lines.append("  diffusion prior cosine_true by guidance scale: " + ", ".join(f"{g:g}: {v:.4f}" for g, v in sweep))
+    return lines
+
+
 def summary(records: dict, workdir: str, config, seconds: float, release: dict | None = None) -> str:
     """The end-of-run report: per stage rows in/kept/dropped and top reasons, versions, outputs."""
-    lines = [f"\nunclip: {len(records)} stage(s) done in {seconds:.1f} s; workdir {workdir}", ""]
+    data = {k: v for k, v in records.items() if k != "train"}
+    lines = [f"\nunclip: {len(data)} data stage(s)" + (f" and {len(records['train'].get('stages', {}))} training "
+             "stage(s)" if "train" in records else "") + f" done in {seconds:.1f} s; workdir {workdir}", ""]
     head = f"{'stage':<16}{'rows in':>10}{'kept':>10}{'dropped':>10}   drops by reason"
     lines += [head, "-" * len(head)]
-    for stage, r in records.items():
+    for stage, r in data.items():
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["drops_by_reason"].items(), key=lambda kv: -kv[1]))
         dropped = sum(r["drops_by_reason"].values())
         lines.append(f"{stage:<16}{r['rows_in']:>10,}{r['rows_kept']:>10,}{dropped:>10,}   {reasons or '-'}")
-    last = records[list(records)[-1]]
+    last = data[list(data)[-1]]
     lines += ["", f"dataset version: {last.get('dataset_version')}   code version: {last.get('code_version')}"]
     if "pca" in records:
         m = records["pca"]["metrics"]
@@ -358,6 +399,8 @@ def summary(records: dict, workdir: str, config, seconds: float, release: dict |
         lines.append(f"note: embeddings come from a randomly initialised CLIP ({config.embed.model.arch}, seed "
                      f"{config.embed.model.seed}); CLIP scores and near-duplicate similarities are not meaningful "
                      "until a trained checkpoint is configured.")
+    if "train" in records:
+        lines += training_summary(records["train"])
     if release is not None:
         lines.append(f"released as dataset {release['name']} {release['release']} ({release['version']}); "
                      f"`unclip datasets|models --workdir {workdir}` lists the catalog")

@@ -357,7 +357,7 @@ class PriorTrainConfig(StageTrainConfig):
     """What both priors share: caption -> CLIP image embedding, trained on the generative sources'
     stored embeddings, evaluated on their held-out rows."""
 
-    flavour: Literal["tiny", "small", "paper"] = Field("tiny", description="Named size (models/prior.py SIZES).")
+    flavour: Literal["micro", "tiny", "small", "paper"] = Field("tiny", description="Named size (models/prior.py SIZES).")
     cond_drop: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of training rows whose caption and text "
                              "embedding are dropped, for classifier-free guidance (the paper's 10%).")
     guidance: float = Field(1.0, ge=0.0, description="Classifier-free guidance scale when sampling; 1 is none.")

@@ -2,8 +2,11 @@
 
 The demo flow starts the local HTTP server, runs ``data_pipeline`` (the same flows a user's own URL
 lists go through, with the demo's config) as a subflow, stops the server, and releases the kept set
-as a dataset version in the catalog (as a refresh does). The data is generated
-once per workdir; re-running the demo on the same workdir downloads nothing new.
+as a dataset version in the catalog (as a refresh does). Then, with ``train_stages``, it runs the
+``retrain`` flow (as the one-click deployment does) on that version: by default
+``DEMO_TRAIN_STAGES``, both priors and their side-by-side evaluation (CLIP was trained by the data
+pipeline, and the PCA fitted, before the release). The data is generated once per workdir;
+re-running the demo on the same workdir downloads nothing new.
 """
 
 from __future__ import annotations
@@ -28,14 +31,17 @@ def generate(workdir: str, config: RunConfig, size: int, seed: int) -> str:
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO_TRAIN_STAGES = ("prior_diffusion", "prior_ar", "eval_priors")
 
 
 @flow(name="demo", flow_run_name="demo: {size} pairs, seed {seed}")
 def demo_flow(workdir: str, config: RunConfig | None = None, size: int = 2000, seed: int = 0,
-              until: str = "pca") -> dict:
-    """Generate (once), serve and run the data pipeline on the built-in demo data.
+              until: str = "pca", train_stages: list[str] | None = None) -> dict:
+    """Generate (once), serve and run the data pipeline on the built-in demo data; then, when the
+    whole data pipeline ran, the ``train_stages`` on the released version (``retrain``).
 
     Without ``config``, the shipped ``configs/demo.yaml`` is used (with ``${workdir}`` filled in).
+    Returns the data stages' records, and under ``"train"`` the training run's catalog record.
     """
     workdir = storage.absolute(workdir)
     if config is None:
@@ -50,4 +56,18 @@ def demo_flow(workdir: str, config: RunConfig | None = None, size: int = 2000, s
             release = catalog.publish_dataset(where, workdir, records, config)
         get_run_logger().info("demo: dataset version %s %s (%s) in %s", release["release"], release["version"],
                               "new" if release["new"] else "unchanged", where)
+        if train_stages:
+            records = {**records, "train": train(workdir, config, list(train_stages))}
     return records
+
+
+def train(workdir: str, config: RunConfig, stages: list[str]) -> dict:
+    """The ``retrain`` flow on the latest dataset version, with the demo's config as it ran (written
+    to ``<workdir>/demo/config.yaml``, the path the run records)."""
+    import yaml
+
+    from unclip.flows.retrain import RetrainParams, retrain
+
+    path = storage.join(workdir, "demo", "config.yaml")
+    storage.write_bytes(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
+    return retrain(RetrainParams(config=path, workdir=workdir, stages=stages, run_name="demo"))

@@ -78,12 +78,17 @@ def names(kind: str | None = None) -> list[str]:
 
 def split_files(files: pa.Table, eval_fraction: float) -> tuple[pa.Table, pa.Table]:
     """Held-out shards chosen by a hash of the shard name: stable as the dataset grows (a shard
-    never moves between splits), at least one held-out shard when there are two or more."""
+    never moves between splits), and at least one held-out shard of each source that has two or
+    more (so every source, the generative one included, can be evaluated however small)."""
     shards = files.column("shard").to_pylist()
     score = np.array([int(hashlib.sha256(s.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for s in shards])
     held = score < eval_fraction
-    if len(shards) >= 2 and not held.any():
-        held[int(np.argmin(score))] = True
+    groups = np.array(files.column("source").to_pylist() if "source" in files.column_names else [""] * len(shards),
+                      dtype=object)
+    for source in dict.fromkeys(groups):
+        mine = np.flatnonzero(groups == source)
+        if len(mine) >= 2 and not held[mine].any():
+            held[mine[int(np.argmin(score[mine]))]] = True
     return files.filter(pa.array(~held)), files.filter(pa.array(held))
 
 

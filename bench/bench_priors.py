@@ -1,0 +1,203 @@
+"""The priors: training steps/s through the shared trainer against a bare loop, and sampling throughput.
+
+    python bench/bench_priors.py [--steps 30] [--batch-size 64] [--diffusion-flavour tiny]
+                                 [--ar-flavour micro] [--ar-batch-size 32] [--repeats 3]
+                                 [--sample-batch 64] [--sample-steps 64]
+
+Preparation (not timed): Parquet embedding files as the data pipeline writes them (float16
+embeddings, captions) of 4,800 synthetic pairs whose image embedding follows the caption, and for
+the AR prior a 319-component PCA + 1024-bucket quantiser fitted on them. For the bare loops every
+row is read, tokenized (and for the AR prior coded and bucketed) once into tensors.
+
+- trainer: ``Trainer(DiffusionPriorTask | ARPriorTask)`` for ``--steps`` steps with everything on: the
+  embeddings reader (seeded file order and row permutation, exact resume position), tokenizing and
+  trimming (and coding) each batch, AdamW with the schedule, global-norm clipping, EMA, TensorBoard
+  scalars every 5 steps, progress, and a checkpoint every ``--checkpoint-every`` steps plus the exit one;
+- bare: the same network, loss, AdamW and batch over the preloaded tensors (trimmed the same way).
+
+Both skip their first 5 steps (warm-up) in the timing; repeats alternate; medians are compared:
+ratio = trainer steps/s / bare steps/s. Sampling: embeddings/s of ``prior.sample`` (DDIM with
+``--sample-steps`` steps, 2 candidates, guidance 1 and 2) and of the AR prior (319 codes with the
+key/value cache, guidance 1 and 2, decoded through the PCA), after one warm-up batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+WARMUP = 5
+
+
+def tokenizer():
+    import open_clip
+
+    from unclip.data import clip as clip_data
+
+    clip_data.register_project_configs()
+    return open_clip.get_tokenizer("unclip-tiny")
+
+
+def preload(files, tok, q=None) -> dict:
+    import numpy as np
+    import torch
+
+    from unclip.data import embedding_pairs
+
+    rows = [embedding_pairs.read_rows(u) for u in files.column("kept").to_pylist()]
+    img = np.concatenate([r["image_emb"] for r in rows]).astype(np.float32)
+    txt = np.concatenate([r["text_emb"] for r in rows]).astype(np.float32)
+    out = {"image_emb": torch.from_numpy(img), "text_emb": torch.from_numpy(txt),
+           "tokens": tok([c for r in rows for c in r["caption"]])}
+    if q is not None:
+        out["codes"] = torch.from_numpy(q.encode(img).astype(np.int64))
+        out["dot"] = torch.from_numpy(q.encode_dot(np.einsum("ij,ij->i", img, txt)).astype(np.int64))
+    return out
+
+
+def bare(kind: str, args, data: dict, flavour: str, batch: int) -> float:
+    import torch
+
+    from unclip.models import ar_prior, prior
+    from unclip.models.prior import trim_tokens
+
+    torch.manual_seed(0)
+    n = len(data["image_emb"])
+    if kind == "diffusion":
+        cfg = prior.FLAVOURS[flavour]
+        model = prior.DiffusionPrior(cfg)
+        diffusion = model.diffusion()
+    else:
+        cfg = ar_prior.ARPriorConfig(**{**ar_prior.FLAVOURS[flavour].to_dict(), "n_codes": data["codes"].shape[1]})
+        model = ar_prior.ARPrior(cfg)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    t0 = None
+    for step in range(args.steps + WARMUP):
+        if step == WARMUP:
+            t0 = time.perf_counter()
+        i = (step * batch) % (n - batch)
+        tokens = trim_tokens(data["tokens"][i:i + batch])
+        if kind == "diffusion":
+            loss = prior.training_loss(model, cfg, diffusion, image_emb=data["image_emb"][i:i + batch],
+                                       text_emb=data["text_emb"][i:i + batch], tokens=tokens)
+        else:
+            loss, _ = ar_prior.training_loss(model, cfg, codes=data["codes"][i:i + batch], tokens=tokens,
+                                             text_emb=data["text_emb"][i:i + batch], dot=data["dot"][i:i + batch])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return args.steps / (time.perf_counter() - t0)
+
+
+def trainer(kind: str, args, files, tok, q, out: str, flavour: str, batch: int) -> float:
+    from unclip.config import ARPriorTrainConfig, DiffusionPriorTrainConfig
+    from unclip.train.prior import DiffusionPriorTask
+    from unclip.train.prior_ar import ARPriorTask
+    from unclip.train.trainer import Trainer
+
+    shutil.rmtree(out, ignore_errors=True)
+    common = dict(flavour=flavour, steps=args.steps + WARMUP, batch_size=batch, warmup_steps=1,
+                  checkpoint_every=args.checkpoint_every, log_every=WARMUP, grad_clip=1.0, ema_decay=0.99)
+    if kind == "diffusion":
+        cfg = DiffusionPriorTrainConfig(**common)
+        task = DiffusionPriorTask(cfg, files, None, tok, embed_dim=1024, text_ctx=77)
+    else:
+        cfg = ARPriorTrainConfig(**common)
+        task = ARPriorTask(cfg, files, None, tok, q, "bench", text_ctx=77)
+    times: list[float] = []
+
+    def on_progress(step: int, steps: int, scalars: dict) -> None:
+        times.append(time.perf_counter())
+
+    Trainer(task, cfg, out, on_progress=on_progress).run()
+    # on_progress fires every log_every (= WARMUP) steps: from the first call (step 5) to the last
+    return (len(times) - 1) * WARMUP / (times[-1] - times[0])
+
+
+def sampling(kind: str, args, data: dict, q, flavour: str, guidance: float) -> float:
+    import numpy as np
+    import torch
+
+    from unclip.models import ar_prior, prior
+
+    torch.manual_seed(0)
+    b = args.sample_batch
+    text, tokens = data["text_emb"][:b], data["tokens"][:b]
+    if kind == "diffusion":
+        model = prior.DiffusionPrior(prior.FLAVOURS[flavour]).eval()
+
+        def run() -> None:
+            prior.sample(model, text_emb=text, tokens=tokens, guidance=guidance, steps=args.sample_steps, candidates=2,
+                         generator=torch.Generator().manual_seed(0))
+    else:
+        cfg = ar_prior.ARPriorConfig(**{**ar_prior.FLAVOURS[flavour].to_dict(), "n_codes": q.n_components})
+        model = ar_prior.ARPrior(cfg).eval()
+        dot = torch.from_numpy(q.sample_dot_bucket_upper_half(np.random.default_rng(0), b).astype(np.int64))
+
+        def run() -> None:
+            codes = ar_prior.sample(model, tokens=prior.trim_tokens(tokens), text_emb=text, dot=dot, guidance=guidance,
+                                    generator=torch.Generator().manual_seed(0))
+            q.decode(codes.numpy())
+
+    run()
+    t0 = time.perf_counter()
+    run()
+    return b / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--ar-batch-size", type=int, default=32)
+    ap.add_argument("--diffusion-flavour", default="tiny")
+    ap.add_argument("--ar-flavour", default="micro")
+    ap.add_argument("--checkpoint-every", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sample-batch", type=int, default=64)
+    ap.add_argument("--sample-steps", type=int, default=64)
+    args = ap.parse_args()
+
+    import torch
+
+    from test_prior_ar_stage import _fit_pca
+    from test_prior_stage import make_embedding_files
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    work = Path(tempfile.mkdtemp(prefix="bench-priors-"))
+    try:
+        files = make_embedding_files(work / "data", n_files=24, rows=200)
+        tok = tokenizer()
+        q = _fit_pca(files, n_components=319, n_buckets=1024)
+        data = preload(files, tok, q)
+        print(f"data: {files.num_rows} files, {len(data['image_emb'])} rows; torch threads {torch.get_num_threads()}")
+        for kind, flavour, batch in (("diffusion", args.diffusion_flavour, args.batch_size),
+                                     ("ar", args.ar_flavour, args.ar_batch_size)):
+            rates: dict[str, list[float]] = {"bare": [], "trainer": []}
+            for r in range(args.repeats):
+                rates["bare"].append(bare(kind, args, data, flavour, batch))
+                rates["trainer"].append(trainer(kind, args, files, tok, q, str(work / f"run-{kind}-{r}"), flavour, batch))
+                print(f"  {kind} repeat {r}: bare {rates['bare'][-1]:.3f} steps/s, trainer {rates['trainer'][-1]:.3f} "
+                      f"steps/s, ratio {rates['trainer'][-1] / rates['bare'][-1]:.3f}", flush=True)
+            b, t = statistics.median(rates["bare"]), statistics.median(rates["trainer"])
+            print(f"{kind} prior ({flavour}, batch {batch}): bare {b:.3f} steps/s, trainer {t:.3f} steps/s, "
+                  f"ratio {t / b:.3f} (goal >= 0.95)")
+            for g in (1.0, 2.0):
+                rate = sampling(kind, args, data, q, flavour, g)
+                what = f"{args.sample_steps} DDIM steps x 2 candidates" if kind == "diffusion" else "319 codes, cached"
+                print(f"{kind} prior sampling ({what}, guidance {g:g}, batch {args.sample_batch}): {rate:.1f} embeddings/s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
