@@ -4,6 +4,7 @@ learning against its baselines, and the release folder that rebuilds it."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from unclip.data import embedding_pairs, pca
 from unclip.train import prior as prior_train
 from unclip.train import prior_ar
 from unclip.train import trainer as tr
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _fit_pca(files, n_components: int = 12, n_buckets: int = 32) -> pca.PcaQuantiser:
@@ -117,3 +120,41 @@ def _saved(q: pca.PcaQuantiser) -> bytes:
     buf = io.BytesIO()
     q.save(buf)
     return buf.getvalue()
+
+
+def test_eval_priors_puts_both_priors_side_by_side_on_the_same_pairs(tmp_path):
+    from unclip.config import load_config
+    from unclip.train import eval_priors
+    from unclip.train.prior import DiffusionPriorTask
+
+    files = make_embedding_files(tmp_path / "data", n_files=4, rows=20)
+    held = make_embedding_files(tmp_path / "held", n_files=1, rows=24, seed=9)
+    q = _fit_pca(files)
+    config = load_config(ROOT / "configs" / "demo.yaml", {"train": {
+        "prior_diffusion": {"sample_steps": 4}, "eval_priors": {"eval_pairs": 20, "guidance_sweep": [1.0, 3.0]}}},
+        variables={"workdir": str(tmp_path)})
+    ar_task = _task(files, _cfg(steps=4), q)
+    t = tr.Trainer(ar_task, _cfg(steps=4), str(tmp_path / "ar"))
+    previous = {"prior_ar": prior_train.finish(t, t.run(), str(tmp_path / "ar"), "unclip-tiny", "prior_ar", files,
+                                               files={prior_ar.PCA_FILE: _saved(q)})}
+    dcfg = config.train.prior_diffusion.model_copy(update={"steps": 4, "batch_size": 8, "checkpoint_every": 4})
+    d_task = DiffusionPriorTask(dcfg, files, None, ar_task.tokenizer, embed_dim=1024, text_ctx=77)
+    t = tr.Trainer(d_task, dcfg, str(tmp_path / "diffusion"))
+    previous["prior_diffusion"] = prior_train.finish(t, t.run(), str(tmp_path / "diffusion"), "unclip-tiny",
+                                                     "prior_diffusion", files)
+    done = eval_priors.evaluate_priors(config, held, previous, str(tmp_path / "eval"))
+    m = done["metrics"]
+    for p in eval_priors.PRIORS:
+        assert m[f"{p}/heldout_pairs"] == 20 and -1 <= m[f"{p}/cosine_true"] <= 1
+    # the same pairs: the text baseline is the same number for both
+    assert m["prior_diffusion/cosine_text_baseline"] == m["prior_ar/cosine_text_baseline"]
+    assert {"prior_diffusion/cosine_true@guidance_1", "prior_diffusion/cosine_true@guidance_3",
+            "prior_diffusion/cosine_true_1", "prior_ar/nll_per_code", "prior_ar/code_acc"} <= set(m)
+    # guidance 1 in the sweep is the configured sampling (guidance 1): the same number
+    assert m["prior_diffusion/cosine_true@guidance_1"] == m["prior_diffusion/cosine_true"]
+    rows = {r["metric"]: r for r in done["rows"]}
+    assert rows["nll_per_code"]["prior_diffusion"] is None and rows["cosine_true"]["prior_ar"] == m["prior_ar/cosine_true"]
+    table = (tmp_path / "eval" / "table.md").read_text()
+    assert table.startswith("| metric | prior_diffusion | prior_ar |") and "| nll_per_code | - |" in table
+    with pytest.raises(ValueError, match="no trained prior"):
+        eval_priors.evaluate_priors(config, held, {}, str(tmp_path / "none"))
