@@ -51,6 +51,7 @@ def preload(files, tok, q=None) -> dict:
     import torch
 
     from unclip.data import embedding_pairs
+    from unclip.train.prior_ar import codes_and_dots
 
     rows = [embedding_pairs.read_rows(u) for u in files.column("kept").to_pylist()]
     img = np.concatenate([r["image_emb"] for r in rows]).astype(np.float32)
@@ -58,8 +59,8 @@ def preload(files, tok, q=None) -> dict:
     out = {"image_emb": torch.from_numpy(img), "text_emb": torch.from_numpy(txt),
            "tokens": tok([c for r in rows for c in r["caption"]])}
     if q is not None:
-        out["codes"] = torch.from_numpy(q.encode(img).astype(np.int64))
-        out["dot"] = torch.from_numpy(q.encode_dot(np.einsum("ij,ij->i", img, txt)).astype(np.int64))
+        out["codes"], out["dot"] = codes_and_dots(q, img, txt)
+        out["dot_buckets"] = q.dot_quantiser.n_buckets
     return out
 
 
@@ -76,7 +77,8 @@ def bare(kind: str, args, data: dict, flavour: str, batch: int) -> float:
         model = prior.DiffusionPrior(cfg)
         diffusion = model.diffusion()
     else:
-        cfg = ar_prior.ARPriorConfig(**{**ar_prior.FLAVOURS[flavour].to_dict(), "n_codes": data["codes"].shape[1]})
+        cfg = ar_prior.ARPriorConfig(**{**ar_prior.FLAVOURS[flavour].to_dict(), "n_codes": data["codes"].shape[1],
+                                        "dot_buckets": int(data["dot_buckets"])})
         model = ar_prior.ARPrior(cfg)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer's
@@ -116,11 +118,12 @@ def trainer(kind: str, args, files, tok, q, out: str, flavour: str, batch: int) 
     times: list[float] = []
 
     def on_progress(step: int, steps: int, scalars: dict) -> None:
-        times.append(time.perf_counter())
+        times.append((step, time.perf_counter()))
 
     Trainer(task, cfg, out, on_progress=on_progress).run()
-    # on_progress fires every log_every (= WARMUP) steps: from the first call (step 5) to the last
-    return (len(times) - 1) * WARMUP / (times[-1] - times[0])
+    # on_progress fires every log_every (= WARMUP) steps and at the last: from step 5 to the last
+    (first, t0), (last, t1) = times[0], times[-1]
+    return (last - first) / (t1 - t0)
 
 
 def sampling(kind: str, args, data: dict, q, flavour: str, guidance: float) -> float:
@@ -177,7 +180,7 @@ def main() -> None:
     try:
         files = make_embedding_files(work / "data", n_files=24, rows=200)
         tok = tokenizer()
-        q = _fit_pca(files, n_components=319, n_buckets=1024)
+        q = _fit_pca(files, n_components=319, n_buckets=1024, dot_buckets=1024)
         data = preload(files, tok, q)
         print(f"data: {files.num_rows} files, {len(data['image_emb'])} rows; torch threads {torch.get_num_threads()}")
         for kind, flavour, batch in (("diffusion", args.diffusion_flavour, args.batch_size),

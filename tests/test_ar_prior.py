@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -77,20 +78,32 @@ def test_sampling_shapes_determinism_and_guidance():
 
 
 def test_cached_decoding_matches_full_passes():
-    # the key/value cache changes nothing: greedy codes are the argmax of a full teacher-forced pass
-    # over themselves (padding hidden, guidance's unconditional rows included)
+    # the key/value cache changes nothing: at every step the cached logits equal a full teacher-forced
+    # pass over the same codes, for captions of different lengths and dropped rows
     torch.manual_seed(0)
     model = ARPrior(CFG).eval()
-    _, tokens, text, dot = _batch(4)
+    codes, tokens, text, dot = _batch(4)
+    tokens[0, 2:] = 0  # captions of 2, 4, 4 and 7 tokens
+    tokens[3, 4:7] = torch.tensor([5, 6, 7])
+    drop = torch.tensor([False, True, False, False])
+    with torch.no_grad():
+        full = model(codes[:, :-1], tokens=tokens, text_emb=text, dot=dot, drop=drop)  # [N, K, B]
+        cache = {"room": CFG.n_codes - 1}
+        steps = [model.head(model.run(tokens, drop, model.prefix(text, dot, drop), cache=cache)[:, -1])]
+        for i in range(CFG.n_codes - 1):
+            steps.append(model.head(model.run(None, drop, model.code_tokens(codes[:, i:i + 1], i), cache=cache)[:, -1]))
+        torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="room"):
+            model.run(None, drop, model.code_tokens(codes[:, :1], 0), cache=cache)
+    # greedy sampling (one batch of conditional and unconditional rows under guidance) is the argmax
+    # of the guided full passes over its own codes
     keep = torch.zeros(4, dtype=torch.bool)
     for guidance in (1.0, 3.0):
-        codes = ar.sample(model, tokens=tokens, text_emb=text, dot=dot, guidance=guidance, temperature=0)
+        got = ar.sample(model, tokens=tokens, text_emb=text, dot=dot, guidance=guidance, temperature=0)
         with torch.no_grad():
-            cond = model(codes[:, :-1], tokens=tokens, text_emb=text, dot=dot, drop=keep)
-            uncond = model(codes[:, :-1], tokens=tokens, text_emb=text, dot=dot, drop=~keep)
-        logits = uncond + guidance * (cond - uncond)
-        assert torch.equal(logits.argmax(-1), codes), guidance
-        assert len(set(codes.flatten().tolist())) > 1
+            cond = model(got[:, :-1], tokens=tokens, text_emb=text, dot=dot, drop=keep)
+            uncond = model(got[:, :-1], tokens=tokens, text_emb=text, dot=dot, drop=~keep)
+        assert torch.equal((uncond + guidance * (cond - uncond)).argmax(-1), got), guidance
 
 
 def test_codes_round_trip_through_the_pca_quantiser():

@@ -1,8 +1,9 @@
-"""The demo's whole story with CLIP trained, as `make demo` runs it (the shipped configs/demo.yaml,
-2,000 pairs): ingest, basic filter, CLIP trained on the kept pairs, embed with that CLIP, semantic
-filter with thresholds for it, PCA, a released dataset version naming its CLIP model version. The
-held-out recall must be far above chance, and plain open_clip must reproduce the stored embeddings
-from the released folder."""
+"""The demo's whole story, as `make demo` runs it (the shipped configs/demo.yaml, 2,000 pairs):
+ingest, basic filter, CLIP trained on the kept pairs, embed with that CLIP, semantic filter with
+thresholds for it, PCA, a released dataset version naming its CLIP model version; then `retrain`
+on it with both priors and `eval_priors`. The held-out recall must be far above chance, plain
+open_clip must reproduce the stored embeddings from the released folder, and the diffusion prior
+must beat both baselines on held-out pairs."""
 
 from __future__ import annotations
 
@@ -30,18 +31,18 @@ SIZE = 2000
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, prefect_api):
     from unclip.cli import summary
-    from unclip.flows.demo import demo_flow
+    from unclip.flows.demo import DEMO_TRAIN_STAGES, demo_flow
 
     workdir = tmp_path_factory.mktemp("demo-clip") / "w"
     config = load_config(ROOT / "configs" / "demo.yaml", variables={"workdir": str(workdir)})
-    records = demo_flow(config=config, workdir=str(workdir), size=SIZE, seed=0)
+    records = demo_flow(config=config, workdir=str(workdir), size=SIZE, seed=0, train_stages=list(DEMO_TRAIN_STAGES))
     return {"workdir": workdir, "records": records, "config": config,
             "summary": summary(records, str(workdir), config, 0.0)}
 
 
 def test_every_stage_ran_and_the_clip_learned(demo):
     rec = demo["records"]
-    assert list(rec) == ["ingest", "basic_filter", "clip", "embed", "semantic_filter", "pca"]
+    assert list(rec) == ["ingest", "basic_filter", "clip", "embed", "semantic_filter", "pca", "train"]
     m = rec["clip"]["metrics"]
     assert m["trained"] and m["steps"] == demo["config"].train.clip.steps
     # far above chance on held-out pairs the CLIP never trained on
@@ -104,3 +105,34 @@ def test_tensorboard_and_checkpoints_of_the_clip_run(demo):
     assert glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))
     pointer = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert pointer["step"] == demo["config"].train.clip.steps
+
+
+def test_both_priors_are_trained_released_and_compared(demo):
+    from safetensors.torch import load_file
+
+    from unclip.models.prior import DiffusionPrior, DiffusionPriorConfig
+
+    w, run = demo["workdir"], demo["records"]["train"]
+    assert run["state"] == "completed" and list(run["stages"]) == ["prior_diffusion", "prior_ar", "eval_priors"]
+    release = catalog.latest(str(w / "catalog"), "demo")
+    for kind in ("prior_diffusion", "prior_ar"):
+        model = catalog.resolve_model(str(w / "catalog"), f"{kind}@latest")
+        assert model["version"] == run["models"][kind] and model["dataset_version"] == release["version"]
+    ar = catalog.resolve_model(str(w / "catalog"), "prior_ar@latest")
+    assert ar["pca_version"] == release["pca_version"]  # coded by the dataset version's PCA, that very file
+    assert (Path(ar["uri"]) / "pca.npz").read_bytes() == Path(release["pca"]).read_bytes()
+    m = {k[len("eval_priors/"):]: v for k, v in run["metrics"].items() if k.startswith("eval_priors/")}
+    print(json.dumps(m, indent=1, sort_keys=True))
+    d = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("prior_diffusion/")}
+    assert d["heldout_pairs"] >= 100
+    # the issue's bar: at least 0.5 and above both baselines, on pairs no prior trained on
+    assert d["cosine_true"] >= 0.5 and d["cosine_true"] > d["cosine_text_baseline"], d
+    assert d["cosine_true"] > d["cosine_unrelated"] + 0.05, d
+    assert d["i2i_recall@5"] > 2 * d["i2i_recall@5_chance"], d
+    a = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("prior_ar/")}
+    assert a["heldout_pairs"] == d["heldout_pairs"] and a["nll_per_code"] < a["nll_per_code_uniform"], a
+    assert "priors on the same held-out pairs" in demo["summary"] and "nll_per_code" in demo["summary"]
+    # the released weights load into a plain DiffusionPrior from their folder
+    folder = Path(catalog.resolve_model(str(w / "catalog"), "prior_diffusion@latest")["uri"])
+    meta = json.loads((folder / "prior.json").read_text())
+    DiffusionPrior(DiffusionPriorConfig(**meta["prior"])).load_state_dict(load_file(folder / "model.safetensors"))

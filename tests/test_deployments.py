@@ -210,6 +210,9 @@ def test_retrain_and_evaluate_through_their_deployments(service, first):
     ar = catalog.models(str(workdir / "catalog"), "prior_ar")
     assert [m["version"] for m in ar] == [runs[0]["models"]["prior_ar"]] and ar[0]["flavour"] == "micro"
     assert ar[0]["pca_version"] == runs[0]["pca_version"] == runs[0]["metrics"]["pca/pca_version"]
+    # and the PCA it was released with is that stage's file, byte for byte
+    released_pca = Path(ar[0]["uri"]) / "pca.npz"
+    assert released_pca.read_bytes() == Path(runs[0]["stages"]["pca"]["outputs"]["pca"]).read_bytes()
     assert runs[0]["metrics"]["prior_ar/steps"] == 2
     if held_out:  # both priors side by side on the same pairs
         for p in ("prior_diffusion", "prior_ar"):

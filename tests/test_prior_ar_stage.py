@@ -20,13 +20,13 @@ from unclip.train import trainer as tr
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _fit_pca(files, n_components: int = 12, n_buckets: int = 32) -> pca.PcaQuantiser:
+def _fit_pca(files, n_components: int = 12, n_buckets: int = 32, dot_buckets: int = 16) -> pca.PcaQuantiser:
     def batches():
         for uri in files.column("kept").to_pylist():
             rows = embedding_pairs.read_rows(uri)
             yield rows["image_emb"], rows["text_emb"]
 
-    model, _ = pca.fit_pca_quantiser(batches, n_components=n_components, n_buckets=n_buckets, dot_buckets=16)
+    model, _ = pca.fit_pca_quantiser(batches, n_components=n_components, n_buckets=n_buckets, dot_buckets=dot_buckets)
     return model
 
 
@@ -156,5 +156,8 @@ def test_eval_priors_puts_both_priors_side_by_side_on_the_same_pairs(tmp_path):
     assert rows["nll_per_code"]["prior_diffusion"] is None and rows["cosine_true"]["prior_ar"] == m["prior_ar/cosine_true"]
     table = (tmp_path / "eval" / "table.md").read_text()
     assert table.startswith("| metric | prior_diffusion | prior_ar |") and "| nll_per_code | - |" in table
-    with pytest.raises(ValueError, match="no trained prior"):
-        eval_priors.evaluate_priors(config, held, {}, str(tmp_path / "none"))
+    # nothing to evaluate is recorded as skipped, with the reason (evaluate runs every eval stage)
+    none = eval_priors.evaluate_priors(config, held, {}, str(tmp_path / "none"))
+    assert none["metrics"]["priors_evaluated"] == 0 and "no trained prior" in none["metrics"]["skipped"]
+    other = eval_priors.evaluate_priors(config, held.slice(0, 0), previous, str(tmp_path / "none"))
+    assert other["metrics"]["priors_evaluated"] == 0 and "no rows of the generative" in other["metrics"]["skipped"]

@@ -326,9 +326,10 @@ def list_catalog(args) -> int:
     return 0
 
 
-MODEL_KEY_METRICS = ("t2i_recall@5", "i2t_recall@5", "zeroshot_colour_acc", "zeroshot_shape_acc")
+MODEL_KEY_METRICS = ("t2i_recall@5", "i2t_recall@5", "zeroshot_colour_acc", "zeroshot_shape_acc", "cosine_true",
+                     "cosine_text_baseline", "nll_per_code")
 KEY_METRICS = ("heldout_relative_mse_pca_quantised", "t2i_recall@5", "i2t_recall@5", "zeroshot_colour_acc",
-               "explained_variance_ratio_kept")
+               "explained_variance_ratio_kept", "cosine_true")
 
 
 PRIOR_SUMMARY = ("cosine_true", "cosine_true_1", "cosine_text_baseline", "cosine_unrelated", "i2i_recall@1",

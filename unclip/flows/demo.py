@@ -2,11 +2,11 @@
 
 The demo flow starts the local HTTP server, runs ``data_pipeline`` (the same flows a user's own URL
 lists go through, with the demo's config) as a subflow, stops the server, and releases the kept set
-as a dataset version in the catalog (as a refresh does). Then, with ``train_stages``, it runs the
-``retrain`` flow (as the one-click deployment does) on that version: by default
-``DEMO_TRAIN_STAGES``, both priors and their side-by-side evaluation (CLIP was trained by the data
-pipeline, and the PCA fitted, before the release). The data is generated once per workdir;
-re-running the demo on the same workdir downloads nothing new.
+as a dataset version in the catalog (as a refresh does). Then, with ``train_stages`` (``unclip
+demo`` passes ``DEMO_TRAIN_STAGES``: both priors and their side-by-side evaluation; CLIP was trained
+by the data pipeline, and the PCA fitted, before the release), it runs the ``retrain`` flow (as
+the one-click deployment does) on that version. The data is generated once per workdir; re-running
+the demo on the same workdir downloads nothing new and continues (or reuses) its training run.
 """
 
 from __future__ import annotations
@@ -63,11 +63,24 @@ def demo_flow(workdir: str, config: RunConfig | None = None, size: int = 2000, s
 
 def train(workdir: str, config: RunConfig, stages: list[str]) -> dict:
     """The ``retrain`` flow on the latest dataset version, with the demo's config as it ran (written
-    to ``<workdir>/demo/config.yaml``, the path the run records)."""
+    to ``<workdir>/demo/config.yaml``, the path the run records). A demo run of the same stages and
+    config on the same version is reused when it completed and resumed when it did not, so running
+    the demo again continues where it stopped."""
     import yaml
 
     from unclip.flows.retrain import RetrainParams, retrain
 
+    where = catalog.catalog_uri(config, workdir)
+    release = catalog.latest(where, config.name)
+    settings = config.model_dump(mode="json")
+    same = [r for r in catalog.runs(where) if r.get("name") == "demo" and r["dataset_version"] == release["version"]
+            and r.get("requested_stages") == stages and r.get("config") == settings]
+    if same and same[-1]["state"] == "completed":
+        get_run_logger().info("demo: run %s already trained %s on %s; reused", same[-1]["run_id"], ",".join(stages),
+                              release["release"])
+        return same[-1]
+    if same:
+        return retrain(RetrainParams(workdir=workdir, resume=same[-1]["run_id"]))
     path = storage.join(workdir, "demo", "config.yaml")
-    storage.write_bytes(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
+    storage.write_bytes(path, yaml.safe_dump(settings, sort_keys=False).encode())
     return retrain(RetrainParams(config=path, workdir=workdir, stages=stages, run_name="demo"))

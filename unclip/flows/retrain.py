@@ -20,6 +20,9 @@ import datetime as dt
 import json
 from typing import Any, Literal
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
@@ -113,7 +116,13 @@ def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], wher
     log = get_run_logger()
     # the split is the run's: evaluate reuses the fraction retrain held out, whatever its config says
     run.setdefault("eval_fraction", cfg.train.eval_fraction)
-    train, held = stages.split_files(catalog.kept_files(release), run["eval_fraction"])
+    files = catalog.kept_files(release)
+    if "held_out_shards" in run:  # resume and evaluate: the split the run trained with, whatever the code now does
+        held_mask = pa.array(np.isin(np.array(files.column("shard").to_pylist(), dtype=object), run["held_out_shards"]))
+        train, held = files.filter(pc.invert(held_mask)), files.filter(held_mask)
+    else:
+        train, held = stages.split_files(files, run["eval_fraction"])
+        run["held_out_shards"] = held.column("shard").to_pylist()
     ctx = stages.StageContext(run["run_id"], run["run_dir"], cfg, release, train, held,
                               previous=dict(run.get("stages", {})), catalog=where,
                               lineage={"run_id": run["run_id"], "dataset_version": release["version"],

@@ -117,7 +117,7 @@ def sample(model: ARPrior, *, tokens: torch.Tensor, text_emb: torch.Tensor, dot:
         drop = torch.cat([keep, ~keep])
     else:
         drop = keep
-    cache: dict = {}
+    cache: dict = {"room": cfg.n_codes - 1}  # codes 0 .. n_codes - 2 go in after the prefix
     hidden = model.run(tokens, drop, model.prefix(text_emb, dot, drop), cache=cache)[:, -1]  # the dot token's output
     codes = []
     for i in range(cfg.n_codes):

@@ -84,15 +84,19 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, kv: dict | None = None) -> torch.Tensor:
-        # x: [N, S, W]; allowed: [N, 1, S, S + cached] bool, True where a query may attend to a key;
-        # kv: this block's cache of keys and values (read, then extended by x's) when decoding step by step
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, kv: dict | None = None, pos: int = 0) -> torch.Tensor:
+        # x: [N, S, W]; allowed: [N, 1, S, pos + S] bool, True where a query may attend to a key;
+        # kv: this block's key and value buffers [N, H, capacity, W/H] when decoding step by step (made
+        # at the first call): x's keys and values are written at positions pos.., x attends to all before
         n, s, w = x.shape
         q, k, v = self.qkv(self.ln_1(x)).reshape(n, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         if kv is not None:
-            if kv:
-                k, v = torch.cat([kv["k"], k], dim=2), torch.cat([kv["v"], v], dim=2)
-            kv["k"], kv["v"] = k, v
+            if "k" not in kv:  # allocated at the first write, in the dtype the projections give
+                kv["k"] = k.new_empty(*k.shape[:2], kv["capacity"], k.shape[3])
+                kv["v"] = v.new_empty(*k.shape[:2], kv["capacity"], k.shape[3])
+            kv["k"][:, :, pos:pos + s] = k
+            kv["v"][:, :, pos:pos + s] = v
+            k, v = kv["k"][:, :, :pos + s], kv["v"][:, :, :pos + s]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # [N, H, S, W/H]
         x = x + self.proj(a.transpose(1, 2).reshape(n, s, w))
         return x + self.mlp(self.ln_2(x))
@@ -143,10 +147,11 @@ class CaptionTransformer(nn.Module):
         """tokens: [N, L] caption ids (0 pads); drop: [N] bool; appended: [N, R, W] the prior's tokens
         (positions included). Returns the normalised outputs at the appended positions, [N, R, W].
 
-        ``cache`` (an empty dict, then the same dict) decodes step by step: the first call runs the
-        caption and ``appended`` and keeps every block's keys and values; each later call passes
-        ``tokens=None`` and only the new appended tokens, which attend to everything before them."""
-        if cache:
+        ``cache`` decodes step by step: pass ``{"room": n}`` (the tokens still to come) on the first
+        call, which runs the caption and ``appended`` and keeps every block's keys and values in
+        buffers with room for ``n`` more; each later call passes ``tokens=None`` and only the new
+        appended tokens, which attend to everything before them."""
+        if cache is not None and "blocks" in cache:
             return self._run_cached(appended, cache)
         n, length = tokens.shape
         caption = self.token_embedding(tokens) + self.positional_embedding[:length].to(appended.dtype)  # [N, L, W]
@@ -157,22 +162,28 @@ class CaptionTransformer(nn.Module):
                             torch.ones(n, appended.shape[1], dtype=torch.bool, device=tokens.device)], 1)
         causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()
         allowed = (causal[None] & key_ok[:, None, :]) | torch.eye(s, dtype=torch.bool, device=tokens.device)[None]
+        blocks: list[dict | None] = [None] * len(self.blocks)
         if cache is not None:
-            cache.update(key_ok=key_ok, blocks=[{} for _ in self.blocks])
-        for i, block in enumerate(self.blocks):
-            x = block(x, allowed[:, None], None if cache is None else cache["blocks"][i])
+            room = int(cache.get("room", 0))
+            blocks = [{"capacity": s + room} for _ in self.blocks]
+            cache.update(blocks=blocks, length=s, key_ok=torch.cat(
+                [key_ok, torch.ones(n, room, dtype=torch.bool, device=tokens.device)], 1))
+        for block, kv in zip(self.blocks, blocks):
+            x = block(x, allowed[:, None], kv)
         return self.ln_final(x[:, length:])
 
     def _run_cached(self, appended: torch.Tensor, cache: dict) -> torch.Tensor:
-        n, r, _ = appended.shape
-        before = cache["key_ok"].shape[1]
-        new_ok = torch.ones(n, r, dtype=torch.bool, device=appended.device)
-        cache["key_ok"] = key_ok = torch.cat([cache["key_ok"], new_ok], 1)  # [N, before + r]
+        r = appended.shape[1]
+        before = cache["length"]
+        if before + r > cache["key_ok"].shape[1]:
+            raise ValueError(f"the key/value cache has room for {cache['key_ok'].shape[1] - before} more tokens, "
+                             f"not {r}: give a larger 'room' on the first call")
         causal = torch.ones(r, before + r, dtype=torch.bool, device=appended.device).tril(diagonal=before)
-        allowed = (causal[None] & key_ok[:, None, :])[:, None]  # [N, 1, r, before + r]
+        allowed = (causal[None] & cache["key_ok"][:, None, : before + r])[:, None]  # [N, 1, r, before + r]
         x = appended
         for block, kv in zip(self.blocks, cache["blocks"]):
-            x = block(x, allowed, kv)
+            x = block(x, allowed, kv, before)
+        cache["length"] = before + r
         return self.ln_final(x)
 
 

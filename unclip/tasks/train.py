@@ -76,10 +76,11 @@ def _context_file(ctx: stages.StageContext, out: str) -> str:
 def publish_model(where: str, name: str, result: dict, cfg: RunConfig, lineage: dict) -> dict:
     """Release a stage's model (``result["model"]``) in the catalog with its lineage; the version id
     goes into the stage's outputs."""
+    # the run's lineage, then what the stage itself reports (the AR prior: the PCA it coded with)
     model = catalog.publish_model(where, {
-        **result["model"], "stage": name, "run_id": lineage.get("run_id"),
-        "dataset_version": lineage.get("dataset_version"), "release": lineage.get("release"),
-        "pca_version": lineage.get("pca_version"), "code_version": lineage.get("code_version"),
+        "run_id": lineage.get("run_id"), "dataset_version": lineage.get("dataset_version"),
+        "release": lineage.get("release"), "pca_version": lineage.get("pca_version"),
+        "code_version": lineage.get("code_version"), **result["model"], "stage": name,
         "config": getattr(cfg.train, name).model_dump(mode="json") if hasattr(cfg.train, name) else {},
         "metrics": {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float, str, bool))}})
     result["outputs"]["model_version"] = model["version"]

@@ -73,9 +73,8 @@ class ARPriorTask:
 
     def encode(self, image_emb: np.ndarray, text_emb: np.ndarray, captions: list[str]) -> dict[str, torch.Tensor]:
         """Stored rows -> the prior's inputs: codes, dot-product token, caption tokens (trimmed)."""
-        codes = self.pca.encode(image_emb).astype(np.int64)
-        dot = self.pca.encode_dot(np.einsum("ij,ij->i", image_emb, text_emb)).astype(np.int64)
-        return {"codes": torch.from_numpy(codes), "dot": torch.from_numpy(dot), "text_emb": torch.from_numpy(text_emb),
+        codes, dot = codes_and_dots(self.pca, image_emb, text_emb)
+        return {"codes": codes, "dot": dot, "text_emb": torch.from_numpy(text_emb),
                 "tokens": trim_tokens(self.tokenizer(captions))}
 
     def batches(self, micro_batch: int, start: int, ctx: distributed.DistContext) -> Iterator[dict]:
@@ -98,15 +97,22 @@ class ARPriorTask:
                                  temperature=self.cfg.temperature, seed=self.cfg.seed)
 
 
+def codes_and_dots(pca: PcaQuantiser, image_emb: np.ndarray, text_emb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, d] float32 stored embeddings -> the image's codes [n, K] and the bucket of the text-image
+    dot product [n] (as the PCA fit measured it: the stored vectors' dot product), int64."""
+    codes = pca.encode(image_emb).astype(np.int64)
+    dot = pca.encode_dot(np.einsum("ij,ij->i", image_emb, text_emb)).astype(np.int64)
+    return torch.from_numpy(codes), torch.from_numpy(dot)
+
+
 @torch.no_grad()
 def evaluate_ar_prior(model: ARPrior, held: dict[str, Any], tokenizer, pca: PcaQuantiser, *, guidance: float,
-                      temperature: float, seed: int = 0, batch_size: int = 256) -> dict[str, float]:
+                      temperature: float, seed: int = 0, batch_size: int = 128) -> dict[str, float]:
     """Held-out likelihood, code accuracy and the sampled embeddings' metrics (module docstring)."""
     device = next(model.parameters()).device
     img, txt = held["image_emb"], held["text_emb"]
     tokens = tokenizer(held["caption"])
-    codes = torch.from_numpy(pca.encode(img).astype(np.int64))
-    dot = torch.from_numpy(pca.encode_dot(np.einsum("ij,ij->i", img, txt)).astype(np.int64))
+    codes, dot = codes_and_dots(pca, img, txt)
     nll = correct = 0.0
     for i in range(0, len(codes), batch_size):
         c = codes[i:i + batch_size].to(device)

@@ -77,9 +77,11 @@ def names(kind: str | None = None) -> list[str]:
 
 
 def split_files(files: pa.Table, eval_fraction: float) -> tuple[pa.Table, pa.Table]:
-    """Held-out shards chosen by a hash of the shard name: stable as the dataset grows (a shard
-    never moves between splits), and at least one held-out shard of each source that has two or
-    more (so every source, the generative one included, can be evaluated however small)."""
+    """Held-out shards chosen by a hash of the shard name, so stable as the dataset grows, and at
+    least one held-out shard of each source that has two or more (so every source, the generative
+    one included, can be evaluated however small). That fallback shard is the source's lowest hash
+    and can change as a small source grows; a ``retrain`` run records its held-out shards and keeps
+    them on resume and evaluation."""
     shards = files.column("shard").to_pylist()
     score = np.array([int(hashlib.sha256(s.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for s in shards])
     held = score < eval_fraction
@@ -181,7 +183,8 @@ def _stage_eval_priors(ctx: StageContext) -> dict:
 
     done = eval_priors.evaluate_priors(ctx.config, ctx.eval_files, ctx.previous, storage.join(ctx.run_dir, "eval_priors"),
                                        device="cuda" if torch.cuda.is_available() else "cpu")
-    publish_table("eval_priors", "table", done["rows"], f"run {ctx.run_id}: both priors on the same held-out pairs")
+    if done["rows"]:
+        publish_table("eval_priors", "table", done["rows"], f"run {ctx.run_id}: both priors on the same held-out pairs")
     return {"outputs": done["outputs"], "metrics": done["metrics"]}
 
 
@@ -198,4 +201,4 @@ register(Stage("prior_ar", "train", _stage_prior_ar, "the AR prior (caption -> t
 register(Stage("eval_pca", "eval", _stage_eval_pca, "held-out reconstruction error of the PCA + quantiser"))
 register(Stage("eval_retrieval", "eval", _stage_eval_retrieval, "held-out image<->text recall@k of the CLIP"))
 register(Stage("eval_priors", "eval", _stage_eval_priors, "both priors of the run on the same held-out pairs "
-               "(cosines, retrieval, likelihood, a guidance sweep)"))
+               "(cosines, retrieval, likelihood, a guidance sweep)", gpu=True))  # samples on the GPU when there is one
