@@ -18,7 +18,8 @@ row is read, tokenized (and for the AR prior coded and bucketed) once into tenso
 Both skip their first 5 steps (warm-up) in the timing; repeats alternate; medians are compared:
 ratio = trainer steps/s / bare steps/s. Sampling: embeddings/s of ``prior.sample`` (DDIM with
 ``--sample-steps`` steps, 2 candidates, guidance 1 and 2) and of the AR prior (319 codes with the
-key/value cache, guidance 1 and 2, decoded through the PCA), after one warm-up batch.
+key/value cache, guidance 1 and 2, decoded through the PCA), after one warm-up batch; for the AR
+prior also against a full pass per code (the cache's reference, same batch).
 """
 
 from __future__ import annotations
@@ -157,6 +158,32 @@ def sampling(kind: str, args, data: dict, q, flavour: str, guidance: float) -> f
     return b / (time.perf_counter() - t0)
 
 
+def uncached_ar_sampling(args, data: dict, q, flavour: str) -> float:
+    """The reference for the cache: each code from a full pass over the prefix and the codes so far
+    (what sampling cost before the key/value cache), guidance 1, multinomial draws."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from unclip.models import ar_prior, prior
+
+    torch.manual_seed(0)
+    b = args.sample_batch
+    text, tokens = data["text_emb"][:b], prior.trim_tokens(data["tokens"][:b])
+    cfg = ar_prior.ARPriorConfig(**{**ar_prior.FLAVOURS[flavour].to_dict(), "n_codes": q.n_components})
+    model = ar_prior.ARPrior(cfg).eval()
+    dot = torch.from_numpy(q.sample_dot_bucket_upper_half(np.random.default_rng(0), b).astype(np.int64))
+    keep = torch.zeros(b, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        codes = torch.zeros(b, 0, dtype=torch.long)
+        for _ in range(cfg.n_codes):
+            logits = model(codes, tokens=tokens, text_emb=text, dot=dot, drop=keep)[:, -1]
+            codes = torch.cat([codes, torch.multinomial(F.softmax(logits, -1), 1, generator=g)], 1)
+    return b / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=30)
@@ -194,6 +221,11 @@ def main() -> None:
             b, t = statistics.median(rates["bare"]), statistics.median(rates["trainer"])
             print(f"{kind} prior ({flavour}, batch {batch}): bare {b:.3f} steps/s, trainer {t:.3f} steps/s, "
                   f"ratio {t / b:.3f} (goal >= 0.95)")
+            if kind == "ar":
+                ref = uncached_ar_sampling(args, data, q, flavour)
+                cached = sampling(kind, args, data, q, flavour, 1.0)
+                print(f"ar prior sampling, guidance 1, batch {args.sample_batch}: cached {cached:.1f} embeddings/s, "
+                      f"full pass per code {ref:.1f} embeddings/s, ratio {cached / ref:.1f}")
             for g in (1.0, 2.0):
                 rate = sampling(kind, args, data, q, flavour, g)
                 what = f"{args.sample_steps} DDIM steps x 2 candidates" if kind == "diffusion" else "319 codes, cached"

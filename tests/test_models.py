@@ -57,6 +57,8 @@ def test_prefect_yaml_entrypoints_are_flows():
         path, fn = d["entrypoint"].split(":")
         mod = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         assert isinstance(getattr(mod, fn), Flow), d["entrypoint"]
+        if d.get("parameters"):  # the flow takes what the deployment passes
+            getattr(mod, fn).validate_parameters(d["parameters"])
         assert d["work_pool"]["name"] == "unclip-process"
 
 
