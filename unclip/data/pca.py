@@ -6,10 +6,13 @@ principal components ordered by decreasing eigenvalue, each dimension quantised 
 buckets. The prior is also conditioned on a quantised text-image dot product, which at sampling time
 is drawn from the upper half of its training distribution.
 
-Everything here is fitted out of core, in memory bounded by the dimension and the batch size, never by
-the row count (the paper-scale run has 650M rows): pass 1 accumulates the scatter matrix for the PCA,
-pass 2 projects every row and keeps a seeded uniform reservoir of projected rows and dot products for
-the bucket edges. Pure numpy (the rows come from ``unclip.data.embeddings``); fsspec in ``PcaQuantiser.save``/``load``; matplotlib only in the plot helper.
+Everything here is fitted out of core, in one pass over the data, in memory bounded by the dimension,
+the batch size and the sample sizes, never by the row count (the paper-scale run has 650M rows): the
+pass accumulates the scatter matrix for the PCA and keeps seeded uniform reservoirs of image rows and
+of text-image dot products; the bucket edges are quantiles of the reservoir's rows once projected.
+Numpy (the rows come from ``unclip.data.embeddings``), and threadpoolctl, which scikit-learn installs,
+to run the eigendecomposition on one BLAS thread; fsspec in ``PcaQuantiser.save``/``load``;
+matplotlib only in the plot helper.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 FORMAT_VERSION = 1
 # Rows per BLAS call: large enough for GEMM to run near peak, small enough that the float32 work
@@ -34,6 +38,11 @@ DEFAULT_DOT_ROWS = 1 << 22
 # Rows on which the quantisation error is estimated: its standard error is already far below 1%.
 QUANT_ERROR_ROWS = 65536
 
+# Bytes of float32 per block of the float16 cast: a block stays in a core's L2 cache between passes.
+CAST_BLOCK_BYTES = 1 << 19
+_F16_SIGN_AND_BITS = np.int32(-0x70000001)  # 0x8FFFFFFF: the sign and the 15 bits shifted under it
+_F16_SCALE = np.float32(2.0**112)  # 2^(127 - 15), float32's exponent bias over float16's
+
 BatchesFactory = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 T = TypeVar("T")
 
@@ -41,6 +50,35 @@ T = TypeVar("T")
 def _row_chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
+
+
+def _cast_float32(src: np.ndarray, out: np.ndarray, minus: np.ndarray | None = None) -> np.ndarray:
+    """``out[...] = src - minus`` in float32 (``minus`` [d] optional), fast where ``src`` is float16 [n, d].
+
+    Numpy converts float16 one value at a time (its x86 wheels do not assume F16C), 2.2-3 ns a value
+    here: a quarter of the PCA's pass. A finite float16's bits, sign-extended, shifted left by 13 and
+    masked to the sign and the 15 bits below it, are that number as a float32 divided by 2^112,
+    subnormals included; those three integer passes and a multiply, over blocks of rows that stay in
+    cache, are about twice as fast and bitwise equal (tested on every float16). An infinity or NaN
+    would come out finite, 2^16 or more in size, so a block with one is cast by numpy instead.
+    """
+    if not (src.dtype == np.float16 and src.ndim == 2 and src.flags.c_contiguous and out.flags.c_contiguous):
+        if minus is None:
+            np.copyto(out, src, casting="same_kind")
+        else:
+            np.subtract(src, minus, out=out, dtype=np.float32, casting="same_kind")
+        return out
+    for rows in _row_chunks(src.shape[0], max(1, CAST_BLOCK_BYTES // (4 * max(1, src.shape[1])))):
+        block = out[rows]
+        bits = block.view(np.int32)
+        np.left_shift(src[rows].view(np.int16), 13, out=bits, dtype=np.int32)
+        np.bitwise_and(bits, _F16_SIGN_AND_BITS, out=bits)
+        np.multiply(block, _F16_SCALE, out=block)
+        if block.size and (block.max() >= 65536 or block.min() <= -65536):
+            np.copyto(block, src[rows], casting="same_kind")
+        if minus is not None:
+            np.subtract(block, minus, out=block)
+    return out
 
 
 def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
@@ -131,6 +169,7 @@ class StreamingPCA:
         self.explained_variance_ratio_: np.ndarray | None = None
         self.spectrum_: np.ndarray | None = None
         self.total_variance_: float | None = None
+        self.sum_sq_norm_: float | None = None  # sum over the rows of ||x||^2
 
     @property
     def dim(self) -> int | None:
@@ -138,29 +177,50 @@ class StreamingPCA:
 
     def partial_fit(self, x: np.ndarray) -> StreamingPCA:
         """Add a batch of rows [n, d] (float16 or float32) to the sums."""
+        for _ in self.accumulate(x):
+            pass
+        return self
+
+    def accumulate(self, x: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+        """Add a batch like ``partial_fit``, chunk by chunk, yielding each chunk's ``rows`` of ``x`` and
+        its shifted copy ``x[rows] - shift`` [m, d] in ``gemm_dtype``.
+
+        The copy is a reused buffer, valid until the next chunk: a caller that needs more from the same
+        rows (the one-pass fit's dot products) reads it there instead of casting the rows again. A chunk
+        is in the sums by the time it is yielded.
+        """
         x = np.asarray(x)
         if x.ndim != 2:
             raise ValueError(f"expected a 2-D batch [n, d], got shape {x.shape}")
         if x.shape[0] == 0:
-            return self
+            return
         d = x.shape[1]
         if self._sum is None:
             self._shift = x[: self.chunk_rows].mean(axis=0, dtype=np.float64).astype(self.gemm_dtype)
             self._sum = np.zeros(d, np.float64)
             self._scatter = np.zeros((d, d), np.float64)
-            self._buf = np.empty((self.chunk_rows, d), self.gemm_dtype)
-            self._ones = np.ones(self.chunk_rows, self.gemm_dtype)
         elif d != self.dim:
             raise ValueError(f"batch has {d} columns, earlier batches had {self.dim}")
+        if self._buf is None:  # first batch, or more rows after finalize
+            self._buf = np.empty((self.chunk_rows, d), self.gemm_dtype)
+            self._ones = np.ones(self.chunk_rows, self.gemm_dtype)
         for rows in _row_chunks(x.shape[0], self.chunk_rows):
             m = rows.stop - rows.start
             buf = self._buf[:m]
-            # Cast (float16 -> float32) and shift in one pass into the reused buffer.
-            np.subtract(x[rows], self._shift, out=buf, dtype=self.gemm_dtype, casting="same_kind")
+            # Cast (float16 -> float32) and shift into the reused buffer.
+            if self.gemm_dtype == np.float32:
+                _cast_float32(x[rows], buf, minus=self._shift)
+            else:
+                np.subtract(x[rows], self._shift, out=buf, dtype=self.gemm_dtype, casting="same_kind")
             self._scatter += buf.T @ buf
             self._sum += self._ones[:m] @ buf
             self.n_rows_ += m
-        return self
+            yield rows, buf
+
+    @property
+    def shift(self) -> np.ndarray | None:
+        """[d] the vector subtracted from every row before the sums (the first chunk's mean)."""
+        return self._shift
 
     def finalize(self, n_components: int) -> StreamingPCA:
         """Eigendecompose the covariance and keep the top ``n_components`` components."""
@@ -174,14 +234,22 @@ class StreamingPCA:
         # Unbiased (n - 1) covariance, as scikit-learn's PCA, so the explained variances agree.
         cov = (self._scatter - n * np.outer(centre, centre)) / (n - 1)
         cov = 0.5 * (cov + cov.T)  # a float32 GEMM is not exactly symmetric; eigh reads one triangle
-        eigvals, eigvecs = np.linalg.eigh(cov)
+        # On one BLAS thread: the eigensolver's many small steps each synchronise the threads, and with
+        # another process on the cores each synchronisation waits for a time slice (a 1,024-d eigh took
+        # 14-15 s on two threads against 0.6 s on one, measured on 2 shared cores).
+        with threadpool_limits(limits=1, user_api="blas"):
+            eigvals, eigvecs = np.linalg.eigh(cov)
         eigvals, eigvecs = eigvals[::-1], eigvecs[:, ::-1]
         self.total_variance_ = float(np.trace(cov))
         self.spectrum_ = np.clip(eigvals, 0.0, None)  # rounding can leave tiny negative eigenvalues
-        self.mean_ = (self._shift.astype(np.float64) + centre).astype(np.float32)
+        mean = self._shift.astype(np.float64) + centre
+        self.mean_ = mean.astype(np.float32)
+        # sum ||x||^2 = sum ||x - mean||^2 + n ||mean||^2, as the centred rows sum to zero.
+        self.sum_sq_norm_ = (n - 1) * self.total_variance_ + n * float(mean @ mean)
         self.components_ = _sign_flip(eigvecs[:, :n_components].T).astype(np.float32)
         self.explained_variance_ = self.spectrum_[:n_components].copy()
         self.explained_variance_ratio_ = self.explained_variance_ / self.total_variance_
+        self._buf = self._ones = None  # 64 MiB at d=1,024, freed for what follows the fit (reallocated if rows come)
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:
@@ -211,7 +279,8 @@ def _sign_flip(components: np.ndarray) -> np.ndarray:
 
 
 def _project(x: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-    centred = np.subtract(x, mean, dtype=np.float32, casting="same_kind")
+    x = np.asarray(x)
+    centred = _cast_float32(x, np.empty(np.broadcast_shapes(x.shape, mean.shape), np.float32), minus=mean)
     return centred @ components.T
 
 
@@ -220,6 +289,19 @@ def _project(x: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndar
 
 def _code_dtype(n_buckets: int) -> np.dtype:
     return np.dtype(np.int16) if n_buckets <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
+
+
+def _columns_as_rows(a: np.ndarray, cols: slice, tile_rows: int = 4096) -> np.ndarray:
+    """``a[:, cols].T`` [c, m] as a new C-contiguous float32 array, copied a tile of rows at a time.
+
+    Copied whole from a row-major [m, k] array, a column is read at a time, one cache line and often
+    one page per value; a tile's rows stay in cache until all its columns are read (0.5 s against
+    1.0-1.2 s for the 319 columns of 262,144 rows here).
+    """
+    out = np.empty((cols.stop - cols.start, a.shape[0]), np.float32)
+    for rows in _row_chunks(a.shape[0], tile_rows):
+        out[:, rows] = a[rows, cols].T
+    return out
 
 
 def _sorted_quantiles(sorted_rows: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -281,7 +363,8 @@ class BucketQuantiser:
         values = np.empty((k, n_buckets), np.float32)
         # A few columns at a time: the sorted copy stays small whatever the number of dimensions.
         for cols in _row_chunks(k, column_chunk):
-            block = np.sort(np.ascontiguousarray(sample[:, cols].T, dtype=np.float32), axis=1)
+            block = _columns_as_rows(sample, cols)
+            block.sort(axis=1)
             quant = _sorted_quantiles(block, q_all).astype(np.float32)
             edges[cols] = quant[:, : n_buckets - 1]
             values[cols] = quant[:, n_buckets - 1 :]
@@ -308,6 +391,26 @@ class BucketQuantiser:
             raise ValueError(f"codes must be in [0, {self.n_buckets}), got [{c2.min()}, {c2.max()}]")
         out = self.values[np.arange(self.n_dims)[None, :], c2]
         return out[:, 0] if self.scalar else out
+
+    def sum_squared_error(self, z: np.ndarray, *, column_chunk: int = 32) -> float:
+        """``sum((z - decode(encode(z)))**2)`` in float64, without encoding row by row.
+
+        Each column is sorted, so that its codes are runs: bucket c's run starts at the first value
+        not below ``edges[c - 1]``, as ``encode`` assigns them. Encoding searches the edges once per
+        value and mispredicts a branch at most of the ten levels (2.4 s for 65,536 x 319 values here);
+        one search per edge into the sorted column costs little next to the sort (0.45 s in all).
+        """
+        z2 = np.asarray(self._as_2d(z, "z"), np.float32)
+        total = 0.0
+        for cols in _row_chunks(self.n_dims, column_chunk):
+            block = _columns_as_rows(z2, cols)
+            block.sort(axis=1)
+            for j, col in zip(range(cols.start, cols.stop), block):
+                starts = np.searchsorted(col, self.edges[j], side="left")
+                counts = np.diff(starts, prepend=0, append=col.shape[0])
+                err = np.subtract(col, np.repeat(self.values[j], counts), dtype=np.float64)
+                total += float(np.einsum("i,i->", err, err))  # not BLAS: its threads cost more than 64K products
+        return total
 
     def _as_2d(self, a: np.ndarray, name: str) -> np.ndarray:
         a = np.asarray(a)
@@ -475,12 +578,14 @@ class PcaQuantiser:
 class _Reservoir:
     """A uniform sample of at most ``capacity`` rows of a stream (Algorithm R), seeded, batch-wise."""
 
-    def __init__(self, capacity: int, row_shape: tuple[int, ...], rng: np.random.Generator) -> None:
+    def __init__(
+        self, capacity: int, row_shape: tuple[int, ...], rng: np.random.Generator, dtype: type = np.float32
+    ) -> None:
         self.capacity = capacity
         self.rng = rng
         self.seen = 0
         # np.empty: pages are only committed as rows are written, so a small stream stays small.
-        self.data = np.empty((capacity, *row_shape), np.float32)
+        self.data = np.empty((capacity, *row_shape), dtype)
 
     def add(self, rows: np.ndarray) -> None:
         m = rows.shape[0]
@@ -527,48 +632,61 @@ def fit_pca_quantiser(
     prefetch_batches: int = 1,
     image_batches_factory: Callable[[], Iterable[np.ndarray]] | None = None,
 ) -> tuple[PcaQuantiser, dict[str, Any]]:
-    """Fit the PCA (pass 1) and the bucket quantisers (pass 2) over two identical passes of the data.
+    """Fit the PCA and the bucket quantisers in one pass over the data.
 
-    ``batches_factory()`` returns a fresh iterator of ``(image_emb [n, d], text_emb [n, d])`` batches
-    and is called twice; both calls must yield the same rows (checked on the row count and mean).
-    ``image_batches_factory()``, if given, replaces it in pass 1 and yields the image batches alone,
-    so that a Parquet reader need not decode the text column for nothing.
+    ``batches_factory()`` returns an iterator of ``(image_emb [n, d], text_emb [n, d])`` batches and is
+    called once. The pass adds every image row to the PCA's sums, computes every text-image dot
+    product, and keeps a seeded uniform reservoir of ``quantile_rows`` image rows as they were read.
+    Once the PCA is solved, only that reservoir is projected for the bucket edges: the same rows, with
+    the same seed, that a second pass projecting every row would have sampled (and at 1M rows a
+    quarter of the projections). The PCA's reconstruction error and the rows' squared norm follow
+    from the PCA's own sums. ``image_batches_factory`` is accepted for callers of the two-pass fit,
+    which read the image column alone first; it is no longer called.
 
-    Memory: d x d for the PCA, ``quantile_rows`` x ``n_components`` and ``dot_rows`` float32 for the
-    reservoirs, ``chunk_rows`` x d work buffers and ``prefetch_batches`` + 1 input batches (the next
-    ones are read in a background thread); never the row count.
+    Memory: d x d for the PCA; the row reservoir, ``quantile_rows`` x d in the first batch's dtype
+    (512 MiB at 262,144 float16 rows of 1,024), whose projections then take its place; ``dot_rows``
+    float32 dot products; a ``chunk_rows`` x d float32 work buffer and ``prefetch_batches`` + 1 input
+    batches (the next ones are read in a background thread); never the row count.
     """
+    del image_batches_factory  # one pass reads both columns anyway
     if quantile_rows < 1 or dot_rows < 1:
         raise ValueError("quantile_rows and dot_rows must be >= 1")
-    if image_batches_factory is None:
-        image_batches = (img for img, _ in batches_factory())
-    else:
-        image_batches = iter(image_batches_factory())
-    pca = fit_streaming_pca(image_batches, n_components, prefetch_batches=prefetch_batches, chunk_rows=chunk_rows)
+    rng_rows, rng_dots, rng_err = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    pca = StreamingPCA(chunk_rows=chunk_rows)
+    rows_res: _Reservoir | None = None
+    dots_res = _Reservoir(dot_rows, (), rng_dots)
+    text_buf: np.ndarray | None = None
+    for img, txt in prefetch(batches_factory(), prefetch_batches):
+        img, txt = np.asarray(img), np.asarray(txt)
+        if img.shape != txt.shape:
+            raise ValueError(f"image batch {img.shape} and text batch {txt.shape} differ in shape")
+        for rows, shifted in pca.accumulate(img):  # shifted = img[rows] - shift, float32
+            if rows_res is None:
+                # Rows are kept as read, in the first batch's dtype (float16 takes half the memory).
+                keep = np.float16 if img.dtype == np.float16 else np.float32
+                rows_res = _Reservoir(quantile_rows, (pca.dim,), rng_rows, dtype=keep)
+                text_buf = np.empty((max(1, CAST_BLOCK_BYTES // (4 * pca.dim)), pca.dim), np.float32)
+            dots_res.add(_row_dots(shifted, pca.shift, txt[rows], text_buf))
+            rows_res.add(img[rows])
+    pca.finalize(n_components)
     n_rows, d = pca.n_rows_, pca.dim
 
-    rng_rows, rng_dots, rng_err = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
-    rows_res = _Reservoir(quantile_rows, (n_components,), rng_rows)
-    dots_res = _Reservoir(dot_rows, (), rng_dots)
-    sums = _project_pass(prefetch(batches_factory(), prefetch_batches), pca, rows_res, dots_res, chunk_rows)
-    _check_same_rows(pca, sums)
-
-    z_sample = rows_res.sample
+    z_sample = _project_sample(rows_res.sample, pca.mean_, pca.components_, chunk_rows)
     quantiser = BucketQuantiser.fit(z_sample, n_buckets)
-    dot_quantiser = BucketQuantiser.fit(dots_res.sample, dot_buckets)
-    dot_counts = np.bincount(dot_quantiser.encode(dots_res.sample), minlength=dot_buckets).astype(np.int64)
+    dot_sample = dots_res.sample
+    dot_quantiser = BucketQuantiser.fit(dot_sample, dot_buckets)
+    dot_counts = np.bincount(dot_quantiser.encode(dot_sample), minlength=dot_buckets).astype(np.int64)
 
     # Quantising moves a row inside the component subspace, orthogonally to the PCA residual, so
     # ||x - x_hat_q||^2 = ||x - x_hat||^2 + ||z - z_q||^2: the second term is estimated on a uniform
-    # subsample of the reservoir (encoding is the slow part), and the data are not read a third time.
+    # subsample of the reservoir, the first is the variance the PCA leaves out.
     n_err = min(z_sample.shape[0], QUANT_ERROR_ROWS)
     err_rows = np.sort(rng_err.choice(z_sample.shape[0], size=n_err, replace=False))
-    q_err = 0.0
-    for rows in _row_chunks(n_err, chunk_rows):
-        zs = z_sample[err_rows[rows]]
-        dz = zs - quantiser.decode(quantiser.encode(zs))
-        q_err += float(np.einsum("ij,ij->", dz, dz, dtype=np.float64))
-    q_err_total = q_err / n_err * n_rows
+    q_err_total = quantiser.sum_squared_error(z_sample[err_rows]) / n_err * n_rows
+    # The components are eigenvectors of the covariance, so the projections' squared norms sum to
+    # (n - 1) times the kept eigenvalues; clipped at zero where the kept components reconstruct the
+    # rows exactly (fewer rows than components) and the difference rounds to a tiny negative number.
+    pca_err = max(0.0, (n_rows - 1) * (pca.total_variance_ - float(pca.explained_variance_.sum())))
 
     model = PcaQuantiser(
         mean=pca.mean_,
@@ -591,9 +709,6 @@ def fit_pca_quantiser(
         },
     )
     kept = float(pca.explained_variance_ratio_.sum())
-    # sq_err is accumulated as ||x||^2 - ||z||^2 (Pythagoras), which rounds to a tiny negative number
-    # when the kept components reconstruct the rows exactly (fewer rows than components)
-    pca_err = max(0.0, sums.sq_err)
     report = {
         "rows": n_rows,
         "dim": d,
@@ -602,78 +717,53 @@ def fit_pca_quantiser(
         "dot_buckets": dot_buckets,
         "explained_variance_ratio_kept": kept,
         "relative_mse_pca_centred": max(0.0, 1.0 - kept),
-        "relative_mse_pca": pca_err / sums.sq_norm,
-        "relative_mse_pca_quantised": (pca_err + q_err_total) / sums.sq_norm,
+        "relative_mse_pca": pca_err / pca.sum_sq_norm_,
+        "relative_mse_pca_quantised": (pca_err + q_err_total) / pca.sum_sq_norm_,
         "quantiser_sample_rows": int(z_sample.shape[0]),
         "quantisation_error_rows": n_err,
-        "dot_sample_rows": int(dots_res.sample.shape[0]),
+        "dot_sample_rows": int(dot_sample.shape[0]),
         "dot_edges_min": float(dot_quantiser.edges.min()),
         "dot_edges_max": float(dot_quantiser.edges.max()),
-        "dot_median": float(np.median(dots_res.sample)),
+        "dot_median": float(np.median(dot_sample)),
         "median_dot_bucket": model.median_dot_bucket,
         "fingerprint": model.fingerprint(),
     }
     return model, report
 
 
-@dataclass
-class _PassSums:
-    """What pass 2 adds up on the way (float64), besides filling the reservoirs."""
+def _row_dots(shifted: np.ndarray, shift: np.ndarray, txt: np.ndarray, work: np.ndarray) -> np.ndarray:
+    """x.t for each image row x = ``shifted`` + ``shift`` and text row of ``txt`` [m, d]: [m] float32.
 
-    rows: int = 0
-    sq_err: float = 0.0  # sum ||x - x_hat||^2, the PCA's reconstruction error
-    sq_norm: float = 0.0  # sum ||x||^2
-    centred_sum: np.ndarray | None = None  # [d] sum of (x - mean): zero if pass 1 saw the same rows
-
-
-def _project_pass(
-    batches: Iterable[tuple[np.ndarray, np.ndarray]],
-    pca: StreamingPCA,
-    rows_res: _Reservoir,
-    dots_res: _Reservoir,
-    chunk_rows: int,
-) -> _PassSums:
-    """Pass 2: project every row, sample projections and dot products, sum the reconstruction error."""
-    mean, comps = pca.mean_, pca.components_
-    d = mean.shape[0]
-    mean_sq = float(np.dot(mean.astype(np.float64), mean))
-    sums = _PassSums(centred_sum=np.zeros(d, np.float64))
-    centred_buf = np.empty((chunk_rows, d), np.float32)  # reused: fresh 64 MiB arrays cost page faults
-    text_buf = np.empty((chunk_rows, d), np.float32)
-    ones = np.ones(chunk_rows, np.float32)
-    for img, txt in batches:
-        if img.shape != txt.shape:
-            raise ValueError(f"image batch {img.shape} and text batch {txt.shape} differ in shape")
-        for rows in _row_chunks(img.shape[0], chunk_rows):
-            m = rows.stop - rows.start
-            centred = np.subtract(img[rows], mean, out=centred_buf[:m], dtype=np.float32, casting="same_kind")
-            z = centred @ comps.T  # [m, k]
-            # The components are orthonormal, so ||x - x_hat||^2 = ||x - mean||^2 - ||z||^2 row by row:
-            # no inverse transform, which would cost as much as the projection.
-            c_sq = np.einsum("ij,ij->i", centred, centred)  # [m]
-            sums.sq_err += float(np.sum(c_sq, dtype=np.float64) - np.einsum("ij,ij->", z, z, dtype=np.float64))
-            # ||x||^2 = ||x - mean||^2 + 2 (x - mean).mean + ||mean||^2
-            c_mean = centred @ mean  # [m]
-            sums.sq_norm += float(np.sum(c_sq, dtype=np.float64) + 2 * np.sum(c_mean, dtype=np.float64)) + mean_sq * m
-            sums.centred_sum += ones[:m] @ centred
-            text = text_buf[:m]
-            np.copyto(text, txt[rows], casting="same_kind")
-            rows_res.add(z)
-            dots_res.add(np.einsum("ij,ij->i", centred, text) + text @ mean)  # x.t = (x - mean).t + mean.t
-            sums.rows += m
-    return sums
+    x.t = (x - shift).t + shift.t, from the image rows already cast for the scatter. The text rows are
+    cast a block at a time into ``work`` (a few hundred KiB, which stays in cache) and used there at
+    once: casting them all first and reading them back for the two products took twice as long.
+    """
+    out = np.empty(shifted.shape[0], np.float32)
+    for rows in _row_chunks(shifted.shape[0], work.shape[0]):
+        text = _cast_float32(txt[rows], work[: rows.stop - rows.start])
+        out[rows] = np.einsum("ij,ij->i", shifted[rows], text) + np.einsum("ij,j->i", text, shift)
+    return out
 
 
-def _check_same_rows(pca: StreamingPCA, sums: _PassSums) -> None:
-    """Pass 2 must see pass 1's rows: a factory that reshuffles or resamples would skew the buckets."""
-    if sums.rows != pca.n_rows_:
-        raise ValueError(f"pass 2 saw {sums.rows} rows, pass 1 saw {pca.n_rows_}: the factory is not repeatable")
-    # Tolerance well above float error, well below the mean's sampling noise for another sample.
-    spread = np.sqrt(pca.total_variance_ / pca.dim)
-    tol = 1e-5 * (float(np.abs(pca.mean_).max()) + spread)
-    diff = float(np.abs(sums.centred_sum / sums.rows).max())
-    if diff > tol:
-        raise ValueError(f"pass 2's mean differs from pass 1's by {diff:.3g}: the factory is not repeatable")
+def _project_sample(rows: np.ndarray, mean: np.ndarray, components: np.ndarray, chunk_rows: int) -> np.ndarray:
+    """Project a sample of rows [m, d] to [m, k] float32, in the memory of ``rows`` where it fits.
+
+    The row reservoir is the largest allocation of the fit, and it is not needed once projected. A
+    projected row takes 4k bytes and a stored one d * itemsize, so with 4k <= d * itemsize (319
+    components of 1,024 float16 dimensions) row i's projection ends before row i + 1 begins: writing
+    each chunk's projections after reading the chunk never overwrites a row still to be read.
+    """
+    m, d = rows.shape
+    k = components.shape[0]
+    if rows.flags.c_contiguous and 4 * k <= d * rows.itemsize and rows.nbytes % 4 == 0:
+        out = rows.reshape(-1).view(np.float32)[: m * k].reshape(m, k)
+    else:
+        out = np.empty((m, k), np.float32)
+    centred = np.empty((min(m, chunk_rows), d), np.float32)  # reused: fresh 64 MiB arrays cost page faults
+    for chunk in _row_chunks(m, chunk_rows):
+        c = _cast_float32(rows[chunk], centred[: chunk.stop - chunk.start], minus=mean)
+        np.matmul(c, components.T, out=out[chunk])
+    return out
 
 
 # ------------------------------------------------------------------------------------------ report
