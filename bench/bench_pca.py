@@ -184,8 +184,8 @@ def child(method: str, rows: int, data_dir: Path) -> dict:
         out["seconds"] = time.perf_counter() - t0
         out["kept"] = float(pca.explained_variance_ratio_.sum())
     elif method == "full":
-        # As the PCA stage calls it; the one-pass fit reads both columns once and ignores the image factory.
-        model, report = fit_pca_quantiser(both, image_batches_factory=images, n_components=N_COMPONENTS)
+        # As the PCA stage calls it: one pass over both columns.
+        model, report = fit_pca_quantiser(both, n_components=N_COMPONENTS)
         out["seconds"] = time.perf_counter() - t0
         out["kept"] = report["explained_variance_ratio_kept"]
         out["relative_mse_pca"] = report["relative_mse_pca"]

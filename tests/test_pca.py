@@ -460,14 +460,10 @@ def test_fit_is_deterministic(embeddings) -> None:
     assert c.fingerprint() != a.fingerprint()  # another reservoir, other bucket edges
 
 
-def test_fit_reads_once_and_ignores_the_image_factory(embeddings) -> None:
+def test_fit_reads_once(embeddings) -> None:
     img, txt = embeddings
     factory = _Factory(img, txt)
-
-    def image_batches():
-        raise AssertionError("the one-pass fit reads both columns through batches_factory")
-
-    _, report = fit_pca_quantiser(factory, image_batches_factory=image_batches, **dict(FIT_KW, n_components=16))
+    _, report = fit_pca_quantiser(factory, **dict(FIT_KW, n_components=16))
     assert factory.calls == 1 and report["rows"] == N_FIT
 
 

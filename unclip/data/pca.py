@@ -630,7 +630,6 @@ def fit_pca_quantiser(
     seed: int = 0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     prefetch_batches: int = 1,
-    image_batches_factory: Callable[[], Iterable[np.ndarray]] | None = None,
 ) -> tuple[PcaQuantiser, dict[str, Any]]:
     """Fit the PCA and the bucket quantisers in one pass over the data.
 
@@ -640,15 +639,13 @@ def fit_pca_quantiser(
     Once the PCA is solved, only that reservoir is projected for the bucket edges: the same rows, with
     the same seed, that a second pass projecting every row would have sampled (and at 1M rows a
     quarter of the projections). The PCA's reconstruction error and the rows' squared norm follow
-    from the PCA's own sums. ``image_batches_factory`` is accepted for callers of the two-pass fit,
-    which read the image column alone first; it is no longer called.
+    from the PCA's own sums.
 
     Memory: d x d for the PCA; the row reservoir, ``quantile_rows`` x d in the first batch's dtype
     (512 MiB at 262,144 float16 rows of 1,024), whose projections then take its place; ``dot_rows``
     float32 dot products; a ``chunk_rows`` x d float32 work buffer and ``prefetch_batches`` + 1 input
     batches (the next ones are read in a background thread); never the row count.
     """
-    del image_batches_factory  # one pass reads both columns anyway
     if quantile_rows < 1 or dot_rows < 1:
         raise ValueError("quantile_rows and dot_rows must be >= 1")
     rng_rows, rng_dots, rng_err = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))

@@ -28,16 +28,13 @@ def fit_and_save_pca(files: list[tuple[str, int]], workdir: str, cfg: PcaConfig,
     if not files:
         raise ValueError("pca: the final embeddings are empty; nothing to fit")
 
-    def batches(columns=("image_emb", "text_emb")):
+    def batches():
         return embeddings.iter_embedding_batches(files, batch_rows=cfg.batch_rows, max_rows=cfg.max_rows, seed=cfg.seed,
-                                          columns=columns)
-
-    def image_batches():  # pass 1 needs the image column only; decoding the text column too costs ~2x
-        return (b[0] for b in batches(("image_emb",)))
+                                                 columns=("image_emb", "text_emb"))
 
     model, report = pca.fit_pca_quantiser(
         batches, n_components=cfg.n_components, n_buckets=cfg.n_buckets, dot_buckets=cfg.dot_buckets,
-        seed=cfg.seed, image_batches_factory=image_batches,
+        seed=cfg.seed,
     )
     version = "pca-" + model.fingerprint()[:12]
     base = storage.join(workdir, "pca", version)
