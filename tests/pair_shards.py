@@ -15,11 +15,25 @@ import webdataset as wds
 from unclip.data import demo_source
 
 
+def scene_embedding(scene: dict, rng: np.random.Generator) -> np.ndarray:
+    """A unit-norm stand-in for a CLIP image embedding [EMBED_DIM]: fixed random directions of the
+    scene's colours and shapes, summed, plus noise (a map a decoder can learn to use)."""
+    from unclip.data import embeddings
+
+    names = list(demo_source.COLOURS) + list(demo_source.SHAPES)
+    basis = np.random.default_rng(1234).standard_normal((len(names), embeddings.EMBED_DIM))
+    v = sum(basis[names.index(o["colour"])] + basis[names.index(o["shape"])] for o in scene["objects"])
+    v = v + 0.3 * rng.standard_normal(embeddings.EMBED_DIM)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
 def make_pair_shards(root: Path, per_source: dict[str, int], samples_per_shard: int = 16, seed: int = 0,
-                     side: int = 64) -> pa.Table:
+                     side: int = 64, image_emb: bool = False) -> pa.Table:
     """Shards ``root/shards/<source>/<n>.tar`` with jpg + json (scene_json) + txt members, and per shard
-    a kept Parquet of ``key, uid, source, caption``; returns the files table (source, shard, tar, rows,
-    digest, kept)."""
+    a kept Parquet of ``key, uid, source, caption`` (and ``image_emb``, ``scene_embedding``'s, when
+    asked); returns the files table (source, shard, tar, rows, digest, kept)."""
+    from unclip.data import embeddings
+
     rng = np.random.default_rng(seed)
     rows = []
     for source, n in per_source.items():
@@ -27,7 +41,7 @@ def make_pair_shards(root: Path, per_source: dict[str, int], samples_per_shard: 
             shard = f"shards/{source}/{shard_i:05d}"
             tar = root / f"{shard}.tar"
             tar.parent.mkdir(parents=True, exist_ok=True)
-            keys, captions = [], []
+            keys, captions, vectors = [], [], []
             with wds.TarWriter(str(tar)) as sink:
                 for i in range(start, min(n, start + samples_per_shard)):
                     scene = demo_source._sample_scene(rng, side, side, "png")
@@ -40,10 +54,14 @@ def make_pair_shards(root: Path, per_source: dict[str, int], samples_per_shard: 
                                 "json": json.dumps({"key": key, "caption": cap, "scene_json": json.dumps(scene)})})
                     keys.append(key)
                     captions.append(cap)
+                    vectors.append(scene_embedding(scene, rng) if image_emb else None)
             kept = root / "kept" / source / f"{shard_i:05d}.parquet"
             kept.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.table({"key": keys, "uid": [f"{source}/x/{k}" for k in keys],
-                                     "source": [source] * len(keys), "caption": captions}), kept)
+            columns = {"key": keys, "uid": [f"{source}/x/{k}" for k in keys], "source": [source] * len(keys),
+                       "caption": captions}
+            if image_emb:
+                columns["image_emb"] = embeddings.fixed_size_list(np.stack(vectors), "float16")
+            pq.write_table(pa.table(columns), kept)
             rows.append({"source": source, "shard": shard, "tar": str(tar), "rows": len(keys),
                          "digest": f"d{shard_i}", "kept": str(kept)})
     return pa.Table.from_pylist(rows)

@@ -98,6 +98,23 @@ def test_a_resumed_stream_does_not_read_the_shards_it_trained_on(tmp_path, monke
     assert len(set(opened)) <= 2 * 3 + 8 < before, (len(set(opened)), before)
 
 
+def test_the_held_out_evaluation_reads_only_its_eval_pairs(tmp_path, monkeypatch):
+    files = make_pair_shards(tmp_path, {"dalle": 40}, samples_per_shard=8)  # 5 shards
+    opened: list[str] = []
+    real = pairs.open_shards
+    monkeypatch.setattr(pairs, "open_shards", lambda src: real(s for s in src if not opened.append(s["url"])))
+
+    def keys(max_pairs):
+        opened.clear()
+        return [k for b in pairs.HeldOutPairs(files, preprocess=_ident, tokenizer=_tok, batch_size=4,
+                                              max_pairs=max_pairs) for k in b["key"]]
+
+    everything = keys(None)
+    assert len(everything) == 40 and len(opened) == 5
+    assert keys(10) == everything[:10] and len(opened) == 2  # the third shard is never opened
+    assert ClipTrainConfig().eval_pairs == 5000
+
+
 def test_source_weights_name_known_sources(tmp_path):
     files = make_pair_shards(tmp_path, {"clip": 8, "dalle": 8}, samples_per_shard=8)
     with pytest.raises(ValueError, match="no training rows: \\['laion'\\]"):

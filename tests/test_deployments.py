@@ -177,14 +177,18 @@ def test_retrain_and_evaluate_through_their_deployments(service, first):
     schema = service["deployments"]["retrain"]["parameter_openapi_schema"]
     fields = schema["definitions"]["RetrainParams"]["properties"]
     assert {"dataset_version", "stages", "config", "overrides", "run_name", "clip", "resume"} <= set(fields)
-    assert fields["stages"]["items"]["enum"] == ["clip", "pca", "prior_diffusion", "prior_ar", "eval_pca",
-                                                 "eval_retrieval", "eval_priors"]
-    assert {"clip", "prior_diffusion", "prior_ar"} <= set(fields)
+    assert fields["stages"]["items"]["enum"] == ["clip", "pca", "prior_diffusion", "prior_ar", "decoder", "upsampler1",
+                                                 "upsampler2", "eval_generation", "eval_pca", "eval_retrieval",
+                                                 "eval_priors"]
+    assert {"clip", "prior_diffusion", "prior_ar", "decoder", "upsampler1", "upsampler2"} <= set(fields)
     settings = schema["definitions"]["StageSettings"]["properties"]
     assert {"steps", "batch_size", "lr", "checkpoint_every", "seed"} <= set(settings)
     # CLIP and both priors train under torchrun for a few steps set in the form's typed fields
+    # (the image chain's stages are the demo test's: here CLIP, the PCA, both priors and their evaluations)
     run = _wait(server, _trigger(service, "retrain", {"params": {
-        "workdir": str(workdir), "run_name": "ci", "clip": {"steps": 3, "batch_size": 16, "warmup_steps": 1},
+        "workdir": str(workdir), "run_name": "ci", "stages": ["clip", "pca", "prior_diffusion", "prior_ar", "eval_pca",
+                                                               "eval_retrieval", "eval_priors"],
+        "clip": {"steps": 3, "batch_size": 16, "warmup_steps": 1},
         "prior_diffusion": {"steps": 2, "batch_size": 8, "warmup_steps": 1},
         "prior_ar": {"steps": 2, "batch_size": 8, "warmup_steps": 1},
         "overrides": {"train": {"prior_diffusion": {"eval_pairs": 32, "sample_steps": 4},

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.decomposition import PCA
 
+from unclip.data.embeddings import iter_embedding_batches
 from unclip.data.pca import (
     CAST_BLOCK_BYTES,
     BucketQuantiser,
@@ -26,9 +27,8 @@ from unclip.data.pca import (
     _row_dots,
     explained_variance_plot_png,
     fit_pca_quantiser,
-    prefetch,
 )
-from unclip.data.embeddings import iter_embedding_batches
+from unclip.data.prefetch import prefetch
 
 
 def _decaying_data(n: int, d: int, *, offset: float, seed: int = 0) -> np.ndarray:

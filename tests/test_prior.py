@@ -91,6 +91,34 @@ def test_sampling_shapes_determinism_and_best_of_candidates():
     assert ((four * txt).sum(-1) >= (one * txt).sum(-1) - 1e-6).all()
 
 
+def test_the_cached_caption_prefix_gives_the_full_pass_and_the_same_samples():
+    import math
+
+    from unclip.models.diffusion import guided
+
+    torch.manual_seed(0)
+    model = DiffusionPrior(CFG).eval()
+    img, txt, tokens = _batch()
+    drop = torch.tensor([True, False, True, False, False, False])
+    with torch.no_grad():
+        prefix = model.prefix(tokens=tokens, text_emb=txt, drop=drop)
+        for t in (torch.full((6,), 99), torch.tensor([0, 10, 20, 50, 80, 99]), torch.zeros(6, dtype=torch.long)):
+            x = torch.randn_like(img)  # each step writes over the previous step's tokens, not after them
+            torch.testing.assert_close(model(x, t, prefix=prefix),
+                                       model(x, t, tokens=tokens, text_emb=txt, drop=drop), rtol=1e-5, atol=1e-5)
+    # sample() with the prefix against DDIM over the full model through guided(), same noise
+    scale = math.sqrt(CFG.embed_dim)
+    for g in (1.0, 3.0):
+        a = dp.sample(model, text_emb=txt, tokens=tokens, guidance=g, steps=8, candidates=1,
+                      generator=torch.Generator().manual_seed(5))
+        keep = torch.zeros(6, dtype=torch.bool)
+        full = model.diffusion().respaced(8).sample(
+            guided(model, g, uncond_kwargs={"drop": torch.ones_like(keep)}), (6, CFG.embed_dim),
+            generator=torch.Generator().manual_seed(5),
+            model_kwargs={"tokens": dp.trim_tokens(tokens), "text_emb": txt * scale, "drop": keep})
+        torch.testing.assert_close(a, F.normalize(full, dim=-1), rtol=1e-4, atol=1e-4)
+
+
 def test_named_sizes_and_the_paper_prior_on_the_meta_device():
     with torch.device("meta"):
         paper = DiffusionPrior(dp.FLAVOURS["paper"])

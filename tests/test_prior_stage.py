@@ -117,3 +117,30 @@ def test_the_prior_learns_and_is_evaluated_against_its_baselines(tmp_path):
     print({k: round(v, 3) for k, v in m.items()})
     assert m["cosine_true"] > m["cosine_text_baseline"] and m["cosine_true"] > m["cosine_unrelated"] + 0.1, m
     assert m["i2i_recall@5"] > 2 * m["i2i_recall@5_chance"], m
+
+
+def test_the_unrelated_caption_is_another_caption():
+    # cosine_unrelated pairs each held-out image with the prediction for a different caption; held-out
+    # rows come in file order, where neighbours often share one
+    captions = ["a red circle"] * 5 + ["a blue square"] * 3 + ["a green star"] * 2
+    for seed in range(5):
+        partners = prior_train.unrelated_partners(captions, seed)
+        assert all(captions[i] != captions[j] for i, j in enumerate(partners)), (seed, partners)
+        assert np.array_equal(partners, prior_train.unrelated_partners(captions, seed))
+    assert list(prior_train.unrelated_partners(["x", "x"], 0)) == [1, 0]
+
+
+def test_prefetched_batches_are_the_same_batches_and_the_thread_ends_with_the_run(tmp_path):
+    import threading
+
+    from unclip.train import distributed
+
+    files = make_embedding_files(tmp_path / "data", n_files=3)
+    ctx = distributed.DistContext(0, 1, 0, torch.device("cpu"))
+    streams = [list(itertools.islice(_task(files, _cfg(prefetch_batches=k)).batches(8, 3, ctx), 12)) for k in (0, 3)]
+    for a, b in zip(*streams):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a run that stops early (here: a NaN) closes its batch stream, so no reader thread outlives it
+    with pytest.raises(tr.NonFiniteLossError):
+        tr.Trainer(_NanTask(files, _cfg(prefetch_batches=2)), _cfg(prefetch_batches=2), str(tmp_path / "run")).run()
+    assert not [t for t in threading.enumerate() if t.name == "prefetch"]

@@ -9,6 +9,9 @@
   project's deployments and a worker, until Ctrl-C.
 - ``unclip retrain`` runs the training and evaluation stages on a dataset version (the CLI twin of
   the ``retrain`` deployment) and prints the run id; ``--resume RUN_ID`` continues a run.
+- ``unclip generate`` draws captions with the released models (caption -> prior -> decoder ->
+  upsamplers -> PNG files and ``OUT/index.json``), and makes variations, interpolations and text
+  diffs of given images.
 - ``unclip datasets``, ``unclip runs`` and ``unclip models`` list the catalog: dataset versions,
   training runs and released model versions, with their lineage.
 
@@ -40,6 +43,7 @@ def _quiet_environment(verbose: bool) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     from unclip.config import DATA_STAGES
+    from unclip.train.stages import DEMO_TRAIN_STAGES
 
     p = argparse.ArgumentParser(prog="unclip", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -59,9 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=2000, help="image-caption pairs to generate (default 2000)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--config", default=str(DEMO_CONFIG), help="demo run config (default configs/demo.yaml)")
-    d.add_argument("--train-stages", default="prior_diffusion,prior_ar,eval_priors", metavar="STAGES",
+    d.add_argument("--train-stages", default=",".join(DEMO_TRAIN_STAGES), metavar="STAGES",
                    help="comma-separated stages `retrain` runs on the released version after the data pipeline "
-                   "(default: both priors and eval_priors; '' for none)")
+                   "(default: both priors, eval_priors, the decoder, both upsamplers and eval_generation; '' for "
+                   "none)")
 
     d.add_argument("--ui", action="store_true",
                    help="run against the local Prefect server of `unclip server --workdir` (started if needed)")
@@ -93,6 +98,33 @@ def _parser() -> argparse.ArgumentParser:
     rt.add_argument("--verbose", action="store_true", help="also print Prefect's log lines")
     settable(rt)
 
+    g = sub.add_parser("generate", help="text -> image with the released models (and variations, interpolations, "
+                       "text diffs); writes PNG files and OUT/index.json")
+    g.add_argument("--workdir", required=True, help="the dataset's working directory (its catalog)")
+    g.add_argument("--catalog", default=None, help="catalog URI (default: where WORKDIR publishes)")
+    g.add_argument("--out", required=True, help="folder for the PNG files and index.json")
+    g.add_argument("captions", nargs="*", help="captions to draw (one image set each)")
+    g.add_argument("--n", type=int, default=1, help="images per caption (default 1)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prior", choices=("diffusion", "ar"), default="diffusion")
+    g.add_argument("--run", default=None, metavar="RUN_ID", help="the models of this training run (default: the "
+                   "latest released model of each kind)")
+    g.add_argument("--prior-guidance", type=float, default=1.0)
+    g.add_argument("--prior-steps", type=int, default=25)
+    g.add_argument("--decoder-guidance", type=float, default=3.0)
+    g.add_argument("--decoder-steps", type=int, default=50)
+    g.add_argument("--upsampler-steps", default="20,10", help="DDIM steps of upsampler 1 and 2 (default 20,10)")
+    g.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
+    which = g.add_mutually_exclusive_group()
+    which.add_argument("--variations", metavar="IMAGE", help="variations of IMAGE (DDIM with eta > 0 from its "
+                       "z_i and inverted x_T)")
+    which.add_argument("--interpolate", nargs=2, metavar="IMAGE", help="slerp between two images' CLIP embeddings")
+    which.add_argument("--text-diff", metavar="IMAGE", help="move IMAGE toward the first caption (z_d = "
+                       "norm(z_t - z_t0), z_t0 from --base-caption)")
+    g.add_argument("--base-caption", default="", help="--text-diff: a caption of IMAGE as it is (default: empty)")
+    g.add_argument("--eta", type=float, default=0.8, help="--variations: DDIM eta (default 0.8)")
+    g.add_argument("--steps", type=int, default=5, help="--interpolate / --text-diff: images along the path")
+
     for name, what in (("datasets", "dataset versions in the catalog"), ("runs", "training runs and their lineage"),
                        ("models", "released model versions")):
         c = sub.add_parser(name, help=f"list the {what}")
@@ -111,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         return list_catalog(args)
     if args.command == "retrain":
         return retrain(args)
+    if args.command == "generate":
+        return generate(args)
 
     from unclip import preflight, storage
     from unclip.config import ConfigError, load_config, stages_until
@@ -229,6 +263,71 @@ def retrain(args) -> int:
     for k, v in sorted(run.get("metrics", {}).items()):
         print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
     print(run["run_id"])
+    return 0
+
+
+def generate(args) -> int:
+    """``unclip generate``: PNG files at the top of the chain and ``OUT/index.json``."""
+    import io
+
+    from PIL import Image
+
+    from unclip import catalog, storage
+    from unclip import generate as gen
+
+    where = args.catalog or catalog.locate(storage.absolute(args.workdir))[0]
+    out = storage.absolute(args.out)
+    try:
+        up = tuple(int(v) for v in args.upsampler_steps.split(","))
+        if len(up) != 2 or min(up) < 1 or args.n < 1:
+            raise ValueError("--upsampler-steps takes two positive counts, e.g. 20,10; --n at least 1")
+        modes = [args.captions] if not (args.variations or args.interpolate or args.text_diff) else []
+        if modes and not args.captions:
+            raise ValueError("give at least one caption (or --variations / --interpolate / --text-diff)")
+        if args.text_diff and len(args.captions) != 1:
+            raise ValueError("--text-diff IMAGE takes exactly one caption: the new one")
+        settings = gen.Settings(prior_guidance=args.prior_guidance, prior_steps=args.prior_steps,
+                                decoder_guidance=args.decoder_guidance, decoder_steps=args.decoder_steps,
+                                upsampler_steps=up)
+        prior = f"prior_{args.prior}"
+        stack = gen.Stack.load(where, run_id=args.run, kinds=(prior, *gen.IMAGE_STAGES), device=args.device)
+    except (ValueError, catalog.CatalogError) as err:
+        print(f"unclip: error: {err}", file=sys.stderr)
+        return 2
+
+    def load(path: str):
+        return gen.from_pil(Image.open(io.BytesIO(storage.read_bytes(path))), stack.size("upsampler2"))
+
+    base = {"seed": args.seed, "prior": args.prior, "models": stack.versions}
+    entries: list[dict] = []
+    start = time.monotonic()
+    if args.variations:
+        images = stack.variations(load(args.variations), args.n, caption=args.base_caption, eta=args.eta,
+                                  s=settings, seed=args.seed)
+        entries = gen.write_images(images, out, [{**base, "mode": "variation", "source": args.variations,
+                                                  "caption": args.base_caption, "eta": args.eta, "index": i}
+                                                 for i in range(args.n)], "variation")
+    elif args.interpolate:
+        a, b = (load(p) for p in args.interpolate)
+        images = stack.interpolate(a, b, args.steps, caption=args.base_caption, s=settings, seed=args.seed)
+        entries = gen.write_images(images, out, [{**base, "mode": "interpolation", "sources": args.interpolate,
+                                                  "caption": args.base_caption, "t": i / max(1, args.steps - 1)}
+                                                 for i in range(args.steps)], "interpolation")
+    elif args.text_diff:
+        images = stack.text_diff(load(args.text_diff), args.captions[0], args.steps, base_caption=args.base_caption,
+                                 s=settings, seed=args.seed)
+        entries = gen.write_images(images, out, [{**base, "mode": "text_diff", "source": args.text_diff,
+                                                  "caption": args.captions[0], "base_caption": args.base_caption,
+                                                  "t": i / max(1, args.steps - 1)} for i in range(args.steps)],
+                                   "text-diff")
+    else:
+        captions = [c for c in args.captions for _ in range(args.n)]
+        images = stack.generate(captions, mode=prior, s=settings, seed=args.seed)
+        entries = gen.write_images(images, out, [{**base, "caption": c, "index": i % args.n}
+                                                 for i, c in enumerate(captions)], "image")
+    storage.write_json(storage.join(out, "index.json"), entries)
+    print(f"{len(entries)} images of {entries[0]['size'] if entries else 0} px in {time.monotonic() - start:.0f} s "
+          f"-> {out} (index.json); models: " + ", ".join(f"{k} {v}" for k, v in stack.versions.items()))
     return 0
 
 
@@ -354,7 +453,38 @@ def training_summary(run: dict) -> list[str]:
                        if k.startswith("eval_priors/prior_diffusion/cosine_true@guidance_"))
         if sweep:
             lines.append("  diffusion prior cosine_true by guidance scale: " + ", ".join(f"{g:g}: {v:.4f}" for g, v in sweep))
+    images = [s for s in ("decoder", "upsampler1", "upsampler2") if s in run.get("stages", {})]
+    for stage in images:
+        m = run["stages"][stage].get("metrics", {})
+        got = ", ".join(f"{k} {m[k]:.4g}" for k in ("heldout_mse", "heldout_mse_zero_image", "psnr", "psnr_bicubic")
+                        if isinstance(m.get(k), float))
+        lines.append(f"{stage}: {m.get('steps')} steps; held-out {got}")
+    gen = run.get("stages", {}).get("eval_generation")
+    if gen:
+        m = gen.get("metrics", {})
+        modes = [k for k in ("real", "prior_diffusion", "prior_ar", "text_embedding", "caption_only")
+                 if f"{k}/clip_score" in m]
+        if modes:
+            lines += ["", f"text -> image on {m.get('captions')} held-out captions, judged at {m.get('metrics_at_size')} "
+                      f"px (eval_generation; real: the held-out images):", f"  {'metric':<18}" +
+                      "".join(f"{k:>17}" for k in modes)]
+            for metric in GENERATION_SUMMARY:
+                vals = [m.get(f"{k}/{metric}") for k in modes]
+                if any(isinstance(v, float) for v in vals):
+                    lines.append(f"  {metric:<18}" + "".join(f"{v:>17.4g}" if isinstance(v, float) else f"{'-':>17}"
+                                                             for v in vals))
+        elif m.get("skipped"):
+            lines.append(f"eval_generation skipped: {m['skipped']}")
+        out = gen.get("outputs", {})
+        if out.get("grid"):
+            lines.append(f"sample grid: {out['grid']}")
+        if out.get("samples"):
+            lines.append(f"generated images: {out['samples']} (index.json lists caption, mode, seed, models); "
+                         f"more with `unclip generate --workdir ... --out DIR \"a caption\"`")
     return lines
+
+
+GENERATION_SUMMARY = ("clip_score", "fd_clip", "colour_acc", "colour_acc_chance", "shape_acc", "shape_acc_chance")
 
 
 def summary(records: dict, workdir: str, config, seconds: float, release: dict | None = None) -> str:

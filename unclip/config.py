@@ -336,6 +336,9 @@ class ClipTrainConfig(StageTrainConfig):
         None, description="Sampling probability per source (normalised); null draws every source with equal "
         "probability whatever its size (the paper's 50/50 mix of two sources).")
     shuffle_buffer: int = Field(1000, ge=1, description="Samples in each source's shuffle buffer.")
+    eval_pairs: int = Field(5000, ge=2, description="Held-out pairs each evaluation reads (those of the held-out "
+                            "shards in name order; recall in galleries of 1,000): the held-out split of a "
+                            "650M-pair dataset holds tens of millions.")
     # open_clip's usual weight decay; a short run's EMA decay (DALLE2-pytorch #131: 0.99-0.995)
     weight_decay: float = Field(0.2, ge=0.0, description="AdamW decay, on 2-D weights only.")
     ema_decay: float | None = Field(0.995, ge=0.0, lt=1.0, description="EMA of the weights; null disables.")
@@ -365,7 +368,10 @@ class PriorTrainConfig(StageTrainConfig):
     lr: float = Field(3e-4, gt=0.0, description="Peak learning rate.")
     weight_decay: float = Field(0.06, ge=0.0, description="AdamW decay, on 2-D weights only.")
     ema_decay: float | None = Field(0.999, ge=0.0, lt=1.0, description="EMA of the weights; null disables.")
-    num_workers: int = Field(0, ge=0, description="Unused: the stored embeddings are read in the training process.")
+    num_workers: int = Field(0, ge=0, description="Unused: the stored embeddings are read in the training process "
+                             "(see prefetch_batches).")
+    prefetch_batches: int = Field(2, ge=0, description="Batches read, tokenized (and PCA-coded) ahead of the "
+                                  "training step in a background thread; 0 prepares each in the step.")
 
 
 class DiffusionPriorTrainConfig(PriorTrainConfig):
@@ -377,11 +383,55 @@ class DiffusionPriorTrainConfig(PriorTrainConfig):
 
 
 class ARPriorTrainConfig(PriorTrainConfig):
-    """The AR prior (stage ``prior_ar``, ``unclip.models.ar_prior``): the 319 codes of the dataset
+    """The AR prior (stage ``prior_ar``, ``unclip.models.ar_prior``): the ``pca.n_components`` codes of the dataset
     version's PCA + quantiser (or the run's own ``pca`` stage's), one at a time."""
 
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of the codes; 0 takes the most "
                                "likely code.")
+    head: Literal["softmax", "logistic_mixture"] = Field(
+        "softmax", description="The codes' output distribution: the paper's softmax over the buckets, or a "
+        "discretised mixture of logistics over the ordered buckets, which learns from every row (the demo's; "
+        "unclip.models.ar_prior).")
+    mixtures: int = Field(4, ge=1, description="Logistics per code, head logistic_mixture.")
+    code_features: int = Field(0, ge=0, multiple_of=2, description="Fourier features (cos, sin pairs) of a code's "
+                               "bucket position added to its input embedding; 0: a learned table alone.")
+
+
+class ImageTrainConfig(StageTrainConfig):
+    """What the decoder and both upsamplers share: a diffusion UNet (``unclip.models.unet``) trained on
+    the generative sources' images from the shards (the decoder with their stored CLIP image
+    embeddings), evaluated on their held-out images."""
+
+    flavour: Literal["tiny", "paper"] = Field("tiny", description="Named size (models/unet.py FLAVOURS).")
+    image_size: int = Field(64, ge=8, description="The side the model samples at (an upsampler's target; it "
+                            "trains on crops a quarter of it). The chain is decoder x4 = upsampler1, x4 = upsampler2 "
+                            "(the paper's 64 -> 256 -> 1024).")
+    sample_steps: int = Field(50, ge=1, description="DDIM steps when sampling (evaluation, generation).")
+    eval_images: int = Field(32, ge=2, description="Held-out images each evaluation uses.")
+    shuffle_buffer: int = Field(1000, ge=1, description="Samples in the shuffle buffer.")
+    lr: float = Field(1e-4, gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decay, on 2-D weights only.")
+    ema_decay: float | None = Field(0.9999, ge=0.0, lt=1.0, description="EMA of the weights; null disables.")
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes decoding and cropping images.")
+
+
+class DecoderTrainConfig(ImageTrainConfig):
+    """The decoder (stage ``decoder``): CLIP image embedding + caption -> the chain's first image."""
+
+    image_drop: float = Field(0.1, ge=0.0, lt=1.0, description="Training rows whose CLIP embedding is set to zero "
+                              "(the paper's 10%).")
+    text_drop: float = Field(0.5, ge=0.0, lt=1.0, description="Training rows whose caption is dropped (the "
+                             "paper's 50%).")
+    guidance: float = Field(3.0, ge=0.0, description="Classifier-free guidance scale when sampling; 1 is none.")
+
+
+class UpsamplerTrainConfig(ImageTrainConfig):
+    """An upsampler (stages ``upsampler1``, ``upsampler2``): 4x, no text, the low-res image corrupted in
+    training; trained on random crops a quarter of ``image_size``, sampled at the full size."""
+
+    degradation: Literal["blur", "bsr", "none"] = Field(
+        "blur", description="Corruption of the low-res conditioning image in training (unclip.data.degrade): "
+        "Gaussian blur (the paper's first upsampler) or the BSR degradation (its second).")
 
 
 class EvalPriorsConfig(_Strict):
@@ -391,6 +441,27 @@ class EvalPriorsConfig(_Strict):
     guidance_sweep: tuple[float, ...] = Field((1.0, 2.0, 4.0), min_length=1, description="Guidance scales the "
                                         "diffusion prior is also measured at (cosine_true at each).")
     seed: int = Field(0, description="Seed of the sampling noise and the AR prior's dot-product draws.")
+
+
+class EvalGenerationConfig(_Strict):
+    """Stage ``eval_generation``: the run's text-to-image stack on held-out captions of the generative
+    sources, under each conditioning (unclip.train.eval_generation)."""
+
+    eval_captions: int = Field(64, ge=2, description="Held-out captions drawn per conditioning mode.")
+    metrics_at: Literal["decoder", "upsampler1", "upsampler2"] = Field(
+        "upsampler2", description="The stage of the chain whose images are measured (the top by default).")
+    grid_captions: int = Field(4, ge=1, description="Captions (rows) of the sample grid.")
+    judge_images: int = Field(1000, ge=2, description="Real training images the attribute judge learns from "
+                              "(where the images carry the demo's scene_json ground truth).")
+    judge_steps: int = Field(600, ge=1, description="Training steps of the attribute judge.")
+    prior_guidance: float = Field(1.0, ge=0.0, description="The priors' guidance scale.")
+    prior_steps: int = Field(25, ge=1, description="The diffusion prior's DDIM steps.")
+    decoder_guidance: float = Field(3.0, ge=0.0, description="The decoder's guidance scale.")
+    decoder_steps: int = Field(50, ge=1, description="The decoder's DDIM steps.")
+    upsampler_steps: tuple[int, int] = Field((20, 10), description="DDIM steps of upsampler 1 and 2 (the paper: "
+                                             "27 and 15).")
+    batch_size: int = Field(16, ge=1, description="Captions sampled together.")
+    seed: int = Field(0, description="Seeds the sampling noise and the judge.")
 
 
 class TrainConfig(_Strict):
@@ -405,10 +476,25 @@ class TrainConfig(_Strict):
     prior_diffusion: DiffusionPriorTrainConfig = DiffusionPriorTrainConfig()
     prior_ar: ARPriorTrainConfig = ARPriorTrainConfig()
     eval_priors: EvalPriorsConfig = EvalPriorsConfig()
+    decoder: DecoderTrainConfig = DecoderTrainConfig()
+    upsampler1: UpsamplerTrainConfig = UpsamplerTrainConfig(image_size=256, degradation="blur")
+    upsampler2: UpsamplerTrainConfig = UpsamplerTrainConfig(image_size=1024, degradation="bsr")
+    eval_generation: EvalGenerationConfig = EvalGenerationConfig()
     eval_fraction: float = Field(
         0.05, gt=0.0, lt=1.0, description="Fraction of a dataset version's shards held out for evaluation "
         "(chosen by a hash of the shard name, so a shard never changes sides as the dataset grows).",
     )
+
+    @model_validator(mode="after")
+    def _image_chain(self) -> "TrainConfig":
+        sizes = (self.decoder.image_size, self.upsampler1.image_size, self.upsampler2.image_size)
+        if sizes[1] != 4 * sizes[0] or sizes[2] != 4 * sizes[1]:
+            raise ValueError(f"the image chain decoder -> upsampler1 -> upsampler2 must grow 4x a step, got "
+                             f"{' -> '.join(map(str, sizes))} (image_size of train.decoder, .upsampler1, .upsampler2)")
+        if sizes[0] % 16:
+            raise ValueError(f"train.decoder.image_size ({sizes[0]}) must be a multiple of 16 (the upsamplers "
+                             "train on quarter-size crops of sides divisible by their UNet's downsampling)")
+        return self
 
 
 class CatalogConfig(_Strict):

@@ -77,7 +77,9 @@ POSITIONS: dict[tuple[int, int], str] = {
 NUMBER_WORDS = {1: "a", 2: "two", 3: "three"}
 
 CLIP_NOISE_FRACTION = 0.10  # of clip's ok rows: 60% of these partly right, 40% about another image
-SIDE_RANGE = (64, 192)  # valid originals: long side in this range (raised to min_side if needed)
+# valid originals: long side in this range (raised to min_side if needed); at least the top of the demo's
+# image chain (16 -> 64 -> 256 px, configs/demo.yaml), so the upsamplers learn from real detail
+SIDE_RANGE = (256, 384)
 MAX_VALID_ASPECT = 2.0
 BOMB_SIDE = 12_000
 ROWS_PER_BAD = 500  # one planted row of each kind (variant) per this many rows, at least one

@@ -26,6 +26,8 @@ no augmentation), with each sample's tar metadata (``json``), e.g. the demo's ``
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import logging
 import random
@@ -85,6 +87,25 @@ def _image(sample: dict) -> Image.Image:
     raise ValueError(f"sample {sample.get('__key__')} has no image")
 
 
+def image_decoder(min_side: int | None = None):
+    """webdataset's decode stage for the image members, as PIL RGB. With ``min_side``, a JPEG is
+    decoded at the smallest of libjpeg's 1/2, 1/4, 1/8 scales that keeps both sides at least
+    ``min_side`` (PIL's draft mode: the scaling happens in the DCT, before most of the decoding work),
+    for a model that resizes the image below that anyway: the demo's 256 px shards feed CLIP at 64 px
+    and the decoder at 16 px."""
+    if min_side is None:
+        return wds.decode("pilrgb", handler=skip_and_log)
+
+    def jpeg(key: str, data: bytes):
+        if not key.lower().endswith((".jpg", ".jpeg")):
+            return None
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", (min_side, min_side))
+        return img.convert("RGB")
+
+    return wds.decode(jpeg, "pilrgb", handler=skip_and_log)
+
+
 def _stable_seed(*parts: Any) -> int:
     import hashlib
 
@@ -95,18 +116,24 @@ class TrainPairs(torch.utils.data.IterableDataset):
     """An endless stream of micro-batches ``{"image", "text", "source", "key", "worker", "position"}``
     for one rank, mixed from the sources in ``files`` (columns ``source``, ``tar``, ``kept``).
 
+    ``preprocess`` maps a PIL image to a tensor, or to a dict of tensors (an upsampler's crop and its
+    low-res version), stacked key by key; without a ``tokenizer`` there is no ``text``; each column
+    named in ``embeddings`` (stored in the kept Parquet) comes as a float32 [B, D] tensor of its name;
+    ``decode_min_side``: JPEGs decoded at reduced scale (``image_decoder``).
+
     ``positions`` maps a logical worker to the raw-stream position to resume after; ``rotation`` is
     how many batches this rank consumed modulo the number of workers (who goes first).
     """
 
-    def __init__(self, files: pa.Table, *, preprocess: Callable, tokenizer: Callable, batch_size: int,
+    def __init__(self, files: pa.Table, *, preprocess: Callable, tokenizer: Callable | None, batch_size: int,
                  rank: int, world_size: int, num_workers: int, seed: int, shuffle_buffer: int,
                  source_weights: dict[str, float] | None = None, positions: dict[int, int] | None = None,
-                 rotation: int = 0) -> None:
+                 rotation: int = 0, embeddings: tuple[str, ...] = (), decode_min_side: int | None = None) -> None:
         super().__init__()
-        # per shard its kept Parquet and row count; captions are read shard by shard as the stream
-        # reaches it (memory follows the shard count, not the row count)
-        self.shard_files = ShardFiles(files)
+        # per shard its kept Parquet and row count; captions (and the ``embeddings`` columns asked
+        # for, e.g. the decoder's image_emb) are read shard by shard as the stream reaches it (memory
+        # follows the shard count, not the row count)
+        self.shard_files = ShardFiles(files, embeddings=embeddings)
         by_source: dict[str, list[str]] = {}
         for source, tar in zip(files.column("source").to_pylist(), files.column("tar").to_pylist()):
             if self.shard_files.rows[tar]:
@@ -127,6 +154,7 @@ class TrainPairs(torch.utils.data.IterableDataset):
         self.num_workers, self.seed, self.shuffle_buffer = max(1, num_workers), seed, shuffle_buffer
         self.positions = dict(positions or {})
         self.rotation = rotation
+        self.decode_min_side = decode_min_side  # see image_decoder
 
     # -- the raw, undecoded stream of one (rank, logical worker) slot ------------------------------------
     # Planned, then read: a source's stream is first a plan of (epoch, tar, n-th kept sample of that
@@ -195,12 +223,12 @@ class TrainPairs(torch.utils.data.IterableDataset):
                                                              position))
             image = self.preprocess(_image(sample))
         return {"image": image, "caption": caption, "source": sample["__source__"],
-                "key": sample["__key__"]}
+                "key": sample["__key__"], **sample.get("__embeddings__", {})}
 
     def _batches(self, logical_worker: int) -> Iterator[dict]:
         position = self.positions.get(logical_worker, 0)
         raw = self.raw_stream(logical_worker, position)
-        decode = wds.decode("pilrgb", handler=skip_and_log)
+        decode = image_decoder(self.decode_min_side)
         out: list[dict] = []
         failed = 0
         while True:
@@ -220,12 +248,21 @@ class TrainPairs(torch.utils.data.IterableDataset):
                                        "the shards or the preprocessing are broken") from exn
                 continue
             if len(out) == self.batch_size:
-                # one tokenizer call a batch: open_clip's per-call overhead was 0.9 ms a caption
-                yield {"image": torch.stack([s["image"] for s in out]),
-                       "text": self.tokenizer([s["caption"] for s in out]),
-                       "source": [s["source"] for s in out], "key": [s["key"] for s in out],
-                       "worker": logical_worker, "position": position}
+                yield self._collate(out, logical_worker, position)
                 out = []
+
+    def _collate(self, out: list[dict], logical_worker: int, position: int) -> dict:
+        first = out[0]["image"]
+        batch = {"image": {k: torch.stack([s["image"][k] for s in out]) for k in first} if isinstance(first, dict)
+                 else torch.stack([s["image"] for s in out]),
+                 "source": [s["source"] for s in out], "key": [s["key"] for s in out],
+                 "worker": logical_worker, "position": position}
+        if self.tokenizer is not None:
+            # one tokenizer call a batch: open_clip's per-call overhead was 0.9 ms a caption
+            batch["text"] = self.tokenizer([s["caption"] for s in out])
+        for name in self.shard_files.embeddings:
+            batch[name] = torch.from_numpy(np.stack([s[name] for s in out]))
+        return batch
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -235,21 +272,30 @@ class TrainPairs(torch.utils.data.IterableDataset):
 
 
 class ShardFiles:
-    """Per shard (tar URI): its kept Parquet and kept-row count, from a release's file table."""
+    """Per shard (tar URI): its kept Parquet and kept-row count, from a release's file table, and the
+    embedding columns of the kept Parquet that samples carry (``embeddings``)."""
 
-    def __init__(self, files: pa.Table) -> None:
+    def __init__(self, files: pa.Table, embeddings: tuple[str, ...] = ()) -> None:
         tars = files.column("tar").to_pylist()
         self.kept = dict(zip(tars, files.column("kept").to_pylist()))
         self.rows = dict(zip(tars, (int(r) for r in files.column("rows").to_pylist())))
+        self.embeddings = tuple(embeddings)
 
-    def samples(self, tar: str) -> Iterator[dict]:
-        """The shard's kept samples in tar order, each with its ``__caption__``."""
-        t = storage.read_parquet(self.kept[tar], columns=["key", "caption"])
-        captions = dict(zip(t.column("key").to_pylist(), t.column("caption").to_pylist()))
-        for sample in tar_samples(open_shards(iter([{"url": tar}]))):
-            caption = captions.get(sample["__key__"])
-            if caption is not None:
-                sample["__caption__"] = caption
+    def samples(self, tar: str, with_json: bool = False) -> Iterator[dict]:
+        """The shard's kept samples in tar order, each with its ``__caption__`` (and
+        ``__embeddings__``: {column: float32 [D]} joined by key; ``json``: the tar's metadata)."""
+        from unclip.data.embeddings import to_numpy
+
+        t = storage.read_parquet(self.kept[tar], columns=["key", "caption", *self.embeddings])
+        row = {k: i for i, k in enumerate(t.column("key").to_pylist())}
+        captions = t.column("caption").to_pylist()
+        vectors = {name: to_numpy(t.column(name)) for name in self.embeddings}
+        for sample in tar_samples(open_shards(iter([{"url": tar}])), with_json=with_json):
+            i = row.get(sample["__key__"])
+            if i is not None:
+                sample["__caption__"] = captions[i]
+                if vectors:
+                    sample["__embeddings__"] = {name: v[i] for name, v in vectors.items()}
                 yield sample
 
 
@@ -303,17 +349,23 @@ def _read_entries(entries: list[tuple[int, str, int]], shard_files: ShardFiles) 
 
 
 def train_loader(dataset: TrainPairs, num_workers: int) -> torch.utils.data.DataLoader:
-    """Batches in round-robin worker order (DataLoader's in-order default)."""
+    """Batches in round-robin worker order (DataLoader's in-order default). The loader draws its base
+    seed from its own generator, not torch's global one: a stage whose loss draws from the global
+    generator (the image models' noise) must see the same draws when resumed, and the loader starts
+    at a different step then."""
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                                       persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                                       generator=torch.Generator().manual_seed(dataset.seed))
 
 
 class HeldOutPairs(torch.utils.data.IterableDataset):
     """One pass over ``files``' kept rows in shard order, preprocessed for evaluation:
     ``{"image", "text", "key", "source", "meta"}`` batches (``meta``: the tar's json per sample)."""
 
-    def __init__(self, files: pa.Table, *, preprocess: Callable, tokenizer: Callable, batch_size: int) -> None:
+    def __init__(self, files: pa.Table, *, preprocess: Callable, tokenizer: Callable, batch_size: int,
+                 max_pairs: int | None = None) -> None:
         super().__init__()
+        self.max_pairs = max_pairs  # None: every kept row; else the first ones, in shard order
         self.keep = kept_rows(files)
         self.source = dict(zip(files.column("tar").to_pylist(), files.column("source").to_pylist()))
         self.preprocess, self.tokenizer, self.batch_size = preprocess, tokenizer, batch_size
@@ -337,6 +389,7 @@ class HeldOutPairs(torch.utils.data.IterableDataset):
             wds.select(self._wanted),
             wds.decode("pilrgb", handler=skip_and_log),
             wds.map(self._to_tensors, handler=skip_and_log),
+            lambda samples: itertools.islice(samples, self.max_pairs),  # stops reading shards there
             wds.batched(self.batch_size, collation_fn=_collate, partial=True),
         )
         return iter(pipeline)
@@ -346,3 +399,42 @@ def _collate(samples: list[dict]) -> dict:
     return {"image": torch.stack([s["image"] for s in samples]), "text": torch.stack([s["text"] for s in samples]),
             "key": [s["key"] for s in samples], "source": [s["source"] for s in samples],
             "meta": [s["meta"] for s in samples]}
+
+
+def held_out_images(files: pa.Table, max_images: int, preprocess: Callable, *,
+                    embeddings: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The first ``max_images`` kept samples of ``files`` (shards in name order), decoded and
+    ``preprocess``ed, for evaluation: ``{"image": [n, ...] tensor (or a dict of them, as the
+    preprocessing gives), "caption": [str], "key": [str],
+    "meta": [dict] (the tar's json, e.g. the demo's scene_json), <embedding column>: float32 [n, D]}``.
+    Reads no shard past the one that completes the count; a sample that fails to decode is logged and
+    skipped."""
+    shard_files = ShardFiles(files, embeddings=embeddings)
+    out: dict[str, list] = {"image": [], "caption": [], "key": [], "meta": [], **{e: [] for e in embeddings}}
+    for tar in sorted(t for t, n in shard_files.rows.items() if n):
+        for sample in shard_files.samples(tar, with_json=True):
+            if len(out["image"]) >= max_images:
+                break
+            try:
+                decoded = next(iter(wds.decode("pilrgb")([sample])))
+                image = preprocess(_image(decoded))
+            except Exception as exn:  # noqa: BLE001 - a bad sample is logged and skipped
+                skip_and_log(exn)
+                continue
+            meta = decoded.get("json")
+            out["image"].append(image)
+            out["caption"].append(sample["__caption__"])
+            out["key"].append(sample["__key__"])
+            out["meta"].append(json.loads(meta) if isinstance(meta, (bytes, str)) else (meta or {}))
+            for e in embeddings:
+                out[e].append(sample["__embeddings__"][e])
+        if len(out["image"]) >= max_images:
+            break
+    if not out["image"]:
+        raise ValueError("no held-out image could be read")
+    first = out["image"][0]
+    result: dict[str, Any] = {**out, "image": {k: torch.stack([i[k] for i in out["image"]]) for k in first}
+                              if isinstance(first, dict) else torch.stack(out["image"])}
+    for e in embeddings:
+        result[e] = torch.from_numpy(np.stack(out[e]))
+    return result

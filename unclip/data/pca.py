@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import queue
-import threading
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, TypeVar
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 from threadpoolctl import threadpool_limits
+
+from unclip.data.prefetch import prefetch
 
 FORMAT_VERSION = 1
 # Rows per BLAS call: large enough for GEMM to run near peak, small enough that the float32 work
@@ -44,7 +44,6 @@ _F16_SIGN_AND_BITS = np.int32(-0x70000001)  # 0x8FFFFFFF: the sign and the 15 bi
 _F16_SCALE = np.float32(2.0**112)  # 2^(127 - 15), float32's exponent bias over float16's
 
 BatchesFactory = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
-T = TypeVar("T")
 
 
 def _row_chunks(n: int, size: int) -> Iterator[slice]:
@@ -79,60 +78,6 @@ def _cast_float32(src: np.ndarray, out: np.ndarray, minus: np.ndarray | None = N
         if minus is not None:
             np.subtract(block, minus, out=block)
     return out
-
-
-def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
-    """Iterate ``items`` in a background thread, up to ``depth`` items ahead of the consumer.
-
-    Reading (file reads and page copies, or Arrow's decoder) drops the GIL, so the next batch is read
-    while this one goes through BLAS. BLAS keeps all its threads: with the page reader a 1M-row pass
-    spends about 1.5 s of one core reading against 7 s of both in casts and GEMMs, and limiting BLAS
-    to one core beside the reader (which paid off with Arrow's slower decoder) made it 25-30% slower
-    (measured, bench/bench_pca.py). Memory grows by ``depth`` + 1 batches. Errors in the producer are
-    raised here.
-    """
-    if depth < 1:
-        yield from items
-        return
-    buffer: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(kind: str, value: Any) -> bool:
-        while not stop.is_set():
-            try:
-                buffer.put((kind, value), timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        it = iter(items)
-        try:
-            for item in it:
-                if not put("item", item):
-                    return
-            put("end", None)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            put("error", exc)
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()  # an early stop still closes the producer's files, in its own thread
-
-    worker = threading.Thread(target=produce, name="pca-prefetch", daemon=True)
-    worker.start()
-    try:
-        while True:
-            kind, value = buffer.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        worker.join()
 
 
 # --------------------------------------------------------------------------------------------- PCA
@@ -653,6 +598,10 @@ def fit_pca_quantiser(
     rows_res: _Reservoir | None = None
     dots_res = _Reservoir(dot_rows, (), rng_dots)
     text_buf: np.ndarray | None = None
+    # The next batch is read while this one goes through BLAS. BLAS keeps all its threads: with the page
+    # reader a 1M-row pass spends about 1.5 s of one core reading against 7 s of both in casts and GEMMs,
+    # and limiting BLAS to one core beside the reader (which paid off with Arrow's slower decoder) made it
+    # 25-30% slower (measured, bench/bench_pca.py).
     for img, txt in prefetch(batches_factory(), prefetch_batches):
         img, txt = np.asarray(img), np.asarray(txt)
         if img.shape != txt.shape:

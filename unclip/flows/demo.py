@@ -3,7 +3,8 @@
 The demo flow starts the local HTTP server, runs ``data_pipeline`` (the same flows a user's own URL
 lists go through, with the demo's config) as a subflow, stops the server, and releases the kept set
 as a dataset version in the catalog (as a refresh does). Then, with ``train_stages`` (``unclip
-demo`` passes ``DEMO_TRAIN_STAGES``: both priors and their side-by-side evaluation; CLIP was trained
+demo`` passes ``DEMO_TRAIN_STAGES``: both priors and their side-by-side evaluation, the decoder, both
+upsamplers and the text-to-image evaluation; CLIP was trained
 by the data pipeline, and the PCA fitted, before the release), it runs the ``retrain`` flow (as
 the one-click deployment does) on that version. The data is generated once per workdir; re-running
 the demo on the same workdir downloads nothing new and continues (or reuses) its training run.
@@ -20,6 +21,7 @@ from unclip import catalog, locks, storage
 from unclip.config import DATA_STAGES, RunConfig, load_config
 from unclip.data import demo_source
 from unclip.flows.data import data_pipeline
+from unclip.train import stages
 
 
 @task(name="generate-demo-data", cache_policy=NO_CACHE)
@@ -31,7 +33,7 @@ def generate(workdir: str, config: RunConfig, size: int, seed: int) -> str:
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-DEMO_TRAIN_STAGES = ("prior_diffusion", "prior_ar", "eval_priors")
+DEMO_TRAIN_STAGES = stages.DEMO_TRAIN_STAGES
 
 
 @flow(name="demo", flow_run_name="demo: {size} pairs, seed {seed}")

@@ -69,6 +69,12 @@ class RetrainParams(BaseModel):
                                            description="Stage `prior_diffusion`: the diffusion prior's training.")
     prior_ar: StageSettings = Field(default_factory=StageSettings, description="Stage `prior_ar`: the AR prior's "
                                     "training.")
+    decoder: StageSettings = Field(default_factory=StageSettings, description="Stage `decoder`: the decoder's "
+                                   "training.")
+    upsampler1: StageSettings = Field(default_factory=StageSettings, description="Stage `upsampler1`: upsampler 1's "
+                                      "training.")
+    upsampler2: StageSettings = Field(default_factory=StageSettings, description="Stage `upsampler2`: upsampler 2's "
+                                      "training.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Nested config values to override.")
     run_name: str | None = Field(None, description="A label for the run (its id is generated).")
     resume: str | None = Field(None, description="A run id to continue: its finished stages are skipped, the "
@@ -81,7 +87,7 @@ class RetrainParams(BaseModel):
         return deep_merge(self.overrides, {"train": typed}) if typed else dict(self.overrides)
 
 
-TRAIN_STAGE_FIELDS = ("clip", "prior_diffusion", "prior_ar")
+TRAIN_STAGE_FIELDS = ("clip", "prior_diffusion", "prior_ar", "decoder", "upsampler1", "upsampler2")
 
 
 class EvaluateParams(BaseModel):

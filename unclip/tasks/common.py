@@ -134,6 +134,17 @@ def publish_table(stage: str, name: str, rows: list[dict], description: str) -> 
         create_table_artifact(rows, key=artifact_key(stage, name), description=description)
 
 
+def publish_image(stage: str, name: str, png: bytes, description: str) -> None:
+    """A PNG as an image artifact the Prefect UI displays (a data: URI, so no web server is needed)."""
+    if in_prefect_run():
+        import base64
+
+        from prefect.artifacts import create_image_artifact
+
+        create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(png).decode(),
+                              key=artifact_key(stage, name), description=description)
+
+
 def publish_markdown(stage: str, name: str, markdown: str, description: str) -> None:
     if in_prefect_run():
         create_markdown_artifact(markdown, key=artifact_key(stage, name), description=description)

@@ -52,6 +52,7 @@ class ClipTask:
         self.positions: dict[int, int] = {}
         self.consumed = 0
         self.preprocess_train = self.preprocess_val = self.tokenizer = None
+        self.image_side: int | None = None  # the model's input side: JPEGs are decoded at the scale nearest above
         self.loss_fn: nn.Module | None = None
 
     def model_config(self) -> dict:
@@ -72,6 +73,8 @@ class ClipTask:
             model, self.preprocess_train, self.preprocess_val = open_clip.create_model_and_transforms(
                 model_config["arch"], pretrained=pretrained)
         self.tokenizer = open_clip.get_tokenizer(model_config["arch"])
+        side = model.visual.image_size
+        self.image_side = int(side[0] if isinstance(side, (tuple, list)) else side)
         return model
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -79,7 +82,8 @@ class ClipTask:
         if self.eval_files is None or not self.eval_files.num_rows:
             return {}
         device = next(model.parameters()).device
-        return evaluate(model, self.preprocess_val, self.tokenizer, self.eval_files, device=device)
+        return evaluate(model, self.preprocess_val, self.tokenizer, self.eval_files, device=device,
+                        max_pairs=self.cfg.eval_pairs)
 
     def batches(self, micro_batch: int, start: int, ctx: distributed.DistContext) -> Iterator[dict]:
         import open_clip
@@ -91,7 +95,7 @@ class ClipTask:
                                 batch_size=micro_batch, rank=ctx.rank, world_size=ctx.world_size,
                                 num_workers=workers, seed=self.cfg.seed, shuffle_buffer=self.cfg.shuffle_buffer,
                                 source_weights=self.cfg.source_weights, positions=self.positions,
-                                rotation=self.consumed % max(1, workers))
+                                rotation=self.consumed % max(1, workers), decode_min_side=self.image_side)
         for batch in pairs.train_loader(data, workers):
             self.positions[batch["worker"]] = batch["position"]
             self.consumed += 1
@@ -118,9 +122,10 @@ class ClipTask:
 # -- evaluation -------------------------------------------------------------------------------------
 @torch.inference_mode()
 def evaluate(model: nn.Module, preprocess, tokenizer, eval_files: pa.Table, *, batch_size: int = 256,
-             device: torch.device | str = "cpu") -> dict[str, float]:
+             device: torch.device | str = "cpu", max_pairs: int | None = None) -> dict[str, float]:
     """Held-out recall in galleries of 1,000 and, where the tars carry the demo's ``scene_json``,
-    zero-shot colour and shape accuracy against the generator's ground truth (with chance levels)."""
+    zero-shot colour and shape accuracy against the generator's ground truth (with chance levels),
+    on the first ``max_pairs`` held-out pairs (all when None)."""
     from unclip.data import demo_source
 
     model = model.eval().to(device)
@@ -128,8 +133,8 @@ def evaluate(model: nn.Module, preprocess, tokenizer, eval_files: pa.Table, *, b
     prompts = [(c, s) for c in demo_source.COLOURS for s in demo_source.SHAPES]
     prompt_emb = model.encode_text(tokenizer([f"a {c} {s}" for c, s in prompts]).to(device), normalize=True).float()
     zs = {"colour": 0, "shape": 0, "colour_chance": 0.0, "shape_chance": 0.0, "n": 0}
-    for batch in torch.utils.data.DataLoader(pairs.HeldOutPairs(eval_files, preprocess=preprocess,
-                                                                tokenizer=tokenizer, batch_size=batch_size),
+    for batch in torch.utils.data.DataLoader(pairs.HeldOutPairs(eval_files, preprocess=preprocess, tokenizer=tokenizer,
+                                                                batch_size=batch_size, max_pairs=max_pairs),
                                              batch_size=None, num_workers=0):
         img = model.encode_image(batch["image"].to(device), normalize=True).float()
         txt = model.encode_text(batch["text"].to(device), normalize=True).float()

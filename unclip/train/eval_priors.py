@@ -7,6 +7,10 @@ named ``<prior>/<metric>`` (see ``unclip.train.prior`` and ``unclip.train.prior_
 the diffusion prior is also measured at each scale of ``guidance_sweep``
 (``prior_diffusion/cosine_true@guidance_<g>``, ``prior_diffusion/i2i_recall@1@guidance_<g>``).
 
+Where a prior's own stage evaluated its released weights on exactly these pairs (the same
+``eval_pairs`` and ``seed`` in ``train.<prior>`` as here), its metrics are taken as they are instead
+of sampling again; the sweep's other scales are always sampled.
+
 The stage writes ``<run>/eval_priors/metrics.json`` and ``table.md`` and publishes the table as a
 Prefect table artifact (one row per metric, one column per prior). A run without a prior, or a
 held-out split without generative rows, is recorded as skipped (``skipped``: the reason), not failed.
@@ -52,18 +56,18 @@ def evaluate_priors(run_config, eval_files, previous: dict[str, dict], out_dir: 
         model, meta = prior.load_release(folder)
         model.to(device)
         tokenizer = open_clip.get_tokenizer(meta["tokenizer"])
+        tc = getattr(run_config.train, name)
+        got = stage_metrics(previous.get(name), tc, cfg)
         if name == "prior_diffusion":
-            tc = run_config.train.prior_diffusion
-            got = prior.evaluate_prior(model, held, tokenizer, steps=tc.sample_steps, guidance=tc.guidance,
-                                       candidates=tc.candidates, seed=cfg.seed)
+            got = got or prior.evaluate_prior(model, held, tokenizer, steps=tc.sample_steps, guidance=tc.guidance,
+                                              candidates=tc.candidates, seed=cfg.seed)
             for g in cfg.guidance_sweep:  # one sampling pass each; the configured scale's is the one above
                 swept = got if g == tc.guidance else prior.evaluate_prior(
                     model, held, tokenizer, steps=tc.sample_steps, guidance=g, candidates=tc.candidates,
                     seed=cfg.seed, only_true=True)
                 got[f"cosine_true@guidance_{g:g}"] = swept["cosine_true"]
                 got[f"i2i_recall@1@guidance_{g:g}"] = swept["i2i_recall@1"]
-        else:
-            tc = run_config.train.prior_ar
+        elif got is None:
             pca = PcaQuantiser.load(io.BytesIO(storage.read_bytes(storage.join(folder, prior_ar.PCA_FILE))))
             got = prior_ar.evaluate_ar_prior(model, held, tokenizer, pca, guidance=tc.guidance,
                                              temperature=tc.temperature, seed=cfg.seed)
@@ -74,6 +78,17 @@ def evaluate_priors(run_config, eval_files, previous: dict[str, dict], out_dir: 
     storage.write_bytes(storage.join(out_dir, "table.md"), markdown_table(rows, list(found)).encode())
     return {"metrics": metrics, "rows": rows, "outputs": {"metrics": storage.join(out_dir, "metrics.json"),
                                                          "table": storage.join(out_dir, "table.md")}}
+
+
+def stage_metrics(stage: dict | None, tc, cfg) -> dict[str, Any] | None:
+    """The prior stage's final metrics (of its released weights) when it measured what this stage
+    would: the same held-out pairs (``eval_pairs``, and ``seed``, which also seeds the sampling)."""
+    got = dict((stage or {}).get("metrics") or {})
+    if tc.eval_pairs != cfg.eval_pairs or tc.seed != cfg.seed or "cosine_true" not in got:
+        return None
+    for key in ("steps", "train_rows"):  # the stage's, not an evaluation's
+        got.pop(key, None)
+    return got
 
 
 def table_rows(metrics: dict[str, Any], priors: list[str]) -> list[dict]:

@@ -11,7 +11,7 @@ Evaluation (``evaluate_prior``), on held-out pairs, in the protocol of DALLE2-py
 - ``cosine_true``: the predicted image embedding (best of ``candidates``) against the true one;
 - ``cosine_true_1``: the same with one sample per caption (what best-of-N buys);
 - ``cosine_text_baseline``: the CLIP text embedding against the true image embedding;
-- ``cosine_unrelated``: the prediction for another pair's caption against this image;
+- ``cosine_unrelated``: the prediction for another pair's caption (a different one) against this image;
 - ``i2i_recall@{1,5}``: the prediction retrieving its true image among ``GALLERY`` held-out images.
 """
 
@@ -29,6 +29,7 @@ from torch import nn
 from unclip import storage
 from unclip.config import DiffusionPriorTrainConfig, RunConfig
 from unclip.data import embedding_pairs, embeddings
+from unclip.data.prefetch import prefetch
 from unclip.data.retrieval import RecallCounter
 from unclip.models import prior as prior_model
 from unclip.models.prior import DiffusionPrior, DiffusionPriorConfig
@@ -63,13 +64,13 @@ class DiffusionPriorTask:
         self.diffusion = model.diffusion()
         return model
 
+    def encode(self, image_emb: np.ndarray, text_emb: np.ndarray, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Stored rows -> the prior's inputs: the embeddings and the caption tokens (trimmed)."""
+        return {"image_emb": torch.from_numpy(image_emb), "text_emb": torch.from_numpy(text_emb),
+                "tokens": prior_model.trim_tokens(self.tokenizer(captions))}
+
     def batches(self, micro_batch: int, start: int, ctx: distributed.DistContext) -> Iterator[dict]:
-        data = embedding_pairs.EmbeddingPairs(self.train_files, batch_size=micro_batch, rank=ctx.rank,
-                                              world_size=ctx.world_size, seed=self.cfg.seed)
-        for batch in data.stream(start * micro_batch):
-            yield {"image_emb": torch.from_numpy(batch["image_emb"]).to(ctx.device),
-                   "text_emb": torch.from_numpy(batch["text_emb"]).to(ctx.device),
-                   "tokens": prior_model.trim_tokens(self.tokenizer(batch["caption"])).to(ctx.device)}
+        return prepared_batches(self.train_files, self.cfg, self.encode, micro_batch, start, ctx)
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         loss = prior_model.training_loss(model, self.prior_cfg, self.diffusion, image_emb=batch["image_emb"],
@@ -80,9 +81,24 @@ class DiffusionPriorTask:
         if self.eval_files is None or not self.eval_files.num_rows:
             return {}
         if self._held is None:
-            self._held = embedding_pairs.held_out(self.eval_files, self.cfg.eval_pairs)
+            self._held = embedding_pairs.held_out(self.eval_files, self.cfg.eval_pairs, seed=self.cfg.seed)
         return evaluate_prior(model, self._held, self.tokenizer, steps=self.cfg.sample_steps,
                               guidance=self.cfg.guidance, candidates=self.cfg.candidates, seed=self.cfg.seed)
+
+
+def prepared_batches(files: pa.Table, cfg, encode, micro_batch: int, start: int,
+                     ctx: distributed.DistContext) -> Iterator[dict]:
+    """This rank's training batches after its first ``start`` micro-batches: rows from the stored
+    embeddings (``embedding_pairs``, seeded order, exact resume position) turned into the network's
+    inputs by ``encode``, up to ``cfg.prefetch_batches`` of them ahead in a background thread (reading,
+    tokenizing and PCA coding overlap the training step; bench/bench_priors.py), then moved to the
+    device. The order does not depend on the prefetching, so a resumed run sees the same batches."""
+    data = embedding_pairs.EmbeddingPairs(files, batch_size=micro_batch, rank=ctx.rank,
+                                          world_size=ctx.world_size, seed=cfg.seed)
+    rows = (encode(b["image_emb"], b["text_emb"], b["caption"]) for b in data.stream(start * micro_batch))
+    pin = ctx.device.type == "cuda"
+    for batch in prefetch(rows, cfg.prefetch_batches):
+        yield {k: (v.pin_memory() if pin else v).to(ctx.device, non_blocking=pin) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -100,8 +116,7 @@ def evaluate_prior(model: DiffusionPrior, held: dict[str, Any], tokenizer, *, st
                                       guidance=guidance, steps=steps, candidates=k, generator=g)
         return predict
 
-    metrics = prediction_metrics(held, predictor(candidates), seed=seed, device=device, batch_size=batch_size,
-                                 unrelated=not only_true)
+    metrics = prediction_metrics(held, predictor(candidates), seed=seed, device=device, batch_size=batch_size)
     if only_true:
         return metrics
     one = predictions(predictor(1), torch.arange(len(txt)), seed * 1_000_003 + 1, device, batch_size)
@@ -116,8 +131,25 @@ def predictions(predict, index: torch.Tensor, seed: int, device, batch_size: int
                       for i in range(0, len(index), batch_size)])
 
 
-def prediction_metrics(held: dict[str, Any], predict, *, seed: int, device, batch_size: int = 256,
-                       unrelated: bool = True) -> dict[str, float]:
+def unrelated_partners(captions: list[str], seed: int, tries: int = 8) -> np.ndarray:
+    """For each row, another row whose caption differs (where ``tries`` seeded draws find one): the
+    rows in a seeded cyclic order, each paired with its successor, then with later ones for as long
+    as the captions are the same. No row is its own partner once there are two."""
+    n = len(captions)
+    order = np.random.default_rng(seed).permutation(n)
+    caption = np.asarray(captions, dtype=object)[order]
+    shift = np.ones(n, dtype=np.int64)
+    for _ in range(tries):
+        same = (caption[(np.arange(n) + shift) % n] == caption) & (shift < n - 1)
+        if not same.any():
+            break
+        shift[same] += 1
+    partners = np.empty(n, dtype=np.int64)
+    partners[order] = order[(np.arange(n) + shift) % n]
+    return partners
+
+
+def prediction_metrics(held: dict[str, Any], predict, *, seed: int, device, batch_size: int = 256) -> dict[str, float]:
     """The metrics both priors share, for ``predict(index, generator) -> [len(index), D]`` image
     embeddings of held-out captions ``index``: cosine with the true image embedding, the text
     embedding's cosine (the baseline), the cosine of another pair's prediction (unrelated), and
@@ -134,9 +166,8 @@ def prediction_metrics(held: dict[str, Any], predict, *, seed: int, device, batc
         "cosine_text_baseline": float((txt * img).sum(-1).mean()),
         "heldout_pairs": n, "gallery": r["gallery"],
     }
-    if unrelated:  # the prediction for another pair's caption against this image
-        other = predictions(predict, torch.roll(torch.arange(n), 1), seed * 1_000_003 + 2, device, batch_size)
-        metrics["cosine_unrelated"] = float((other * img).sum(-1).mean())
+    other = torch.from_numpy(unrelated_partners(held["caption"], seed))  # the prediction for another caption
+    metrics["cosine_unrelated"] = float((best[other] * img).sum(-1).mean())
     for k in RECALL_AT:
         metrics[f"i2i_recall@{k}"] = r[f"i2t_recall@{k}"]
         metrics[f"i2i_recall@{k}_chance"] = r[f"recall@{k}_chance"]
@@ -169,10 +200,11 @@ def tokenizer_arch(release: dict, catalog_uri: str | None, config: RunConfig) ->
     return arch
 
 
-def write_release(model: nn.Module, model_config: dict, arch: str, folder: str, *, kind: str,
-                  files: dict[str, bytes] | None = None) -> dict:
-    """``prior.json`` (the stage, the network's config and the tokenizer's arch), ``model.safetensors``
-    (the EMA weights) and any further ``files`` (the AR prior's PCA): ``load_release`` rebuilds it."""
+def write_release(model: nn.Module, model_config: dict, arch: str | None, folder: str, *, kind: str,
+                  files: dict[str, bytes] | None = None, meta: str = "prior.json") -> dict:
+    """``prior.json`` (``meta``: the stage, the network's config and the tokenizer's arch),
+    ``model.safetensors`` (the EMA weights) and any further ``files`` (the AR prior's PCA):
+    ``load_release`` (the image models': ``unclip.train.image.load_release``) rebuilds it."""
     import hashlib
 
     from safetensors.torch import save
@@ -182,7 +214,7 @@ def write_release(model: nn.Module, model_config: dict, arch: str, folder: str, 
     weights_uri = storage.write_bytes(storage.join(folder, WEIGHTS_FILE), data)
     for name, blob in (files or {}).items():
         storage.write_bytes(storage.join(folder, name), blob)
-    storage.write_json(storage.join(folder, "prior.json"), {"kind": kind, **model_config, "tokenizer": arch})
+    storage.write_json(storage.join(folder, meta), {"kind": kind, **model_config, "tokenizer": arch})
     return {"uri": folder, "weights": weights_uri, "arch": arch, "weights_sha256": hashlib.sha256(data).hexdigest(),
             "parameters": sum(v.numel() for v in state.values()), "flavour": model_config["flavour"]}
 
@@ -221,14 +253,14 @@ def caption_tokenizer(release: dict, catalog_uri: str | None, config: RunConfig)
     return arch, open_clip.get_tokenizer(arch)
 
 
-def finish(trainer: Trainer, result, out_dir: str, arch: str, kind: str, train: pa.Table,
-           files: dict[str, bytes] | None = None) -> dict:
+def finish(trainer: Trainer, result, out_dir: str, arch: str | None, kind: str, train: pa.Table,
+           files: dict[str, bytes] | None = None, meta: str = "prior.json") -> dict:
     """Rank 0 after training: the released weights' metrics, the release folder, the stage result."""
     model, model_config, metrics = trainer.released(result)
     # the held-out split may hold no shard of the generative sources (small data): say so in the metrics
     metrics.setdefault("heldout_pairs", 0)
     metrics.update(steps=result.step, train_rows=int(sum(train.column("rows").to_pylist())))
-    rel = write_release(model, model_config, arch, storage.join(out_dir, "model"), kind=kind, files=files)
+    rel = write_release(model, model_config, arch, storage.join(out_dir, "model"), kind=kind, files=files, meta=meta)
     storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
     return {"outputs": {"model": rel["uri"], "checkpoint": result.checkpoint,
                         "tensorboard": storage.join(out_dir, "tensorboard")},

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from unclip import storage
@@ -37,7 +38,7 @@ from unclip.models import ar_prior as ar_model
 from unclip.models.ar_prior import ARPrior, ARPriorConfig
 from unclip.models.prior import trim_tokens
 from unclip.train import distributed
-from unclip.train.prior import caption_tokenizer, finish, prediction_metrics, prior_data
+from unclip.train.prior import caption_tokenizer, finish, prediction_metrics, prepared_batches, prior_data
 from unclip.train.trainer import Trainer
 
 PCA_FILE = "pca.npz"
@@ -60,7 +61,9 @@ class ARPriorTask:
         prior = dataclasses.replace(ar_model.FLAVOURS[self.cfg.flavour], n_codes=self.pca.n_components,
                                     n_buckets=self.pca.quantiser.n_buckets,
                                     dot_buckets=self.pca.dot_quantiser.n_buckets, embed_dim=self.pca.dim,
-                                    text_ctx=self.text_ctx, cond_drop=self.cfg.cond_drop)
+                                    text_ctx=self.text_ctx, cond_drop=self.cfg.cond_drop,
+                                    head=self.cfg.head, mixtures=self.cfg.mixtures,
+                                    code_features=self.cfg.code_features)
         return {"flavour": self.cfg.flavour, "prior": prior.to_dict(), "pca_version": self.pca_version,
                 "pca_fingerprint": self.pca.fingerprint()}
 
@@ -78,11 +81,11 @@ class ARPriorTask:
                 "tokens": trim_tokens(self.tokenizer(captions))}
 
     def batches(self, micro_batch: int, start: int, ctx: distributed.DistContext) -> Iterator[dict]:
-        data = embedding_pairs.EmbeddingPairs(self.train_files, batch_size=micro_batch, rank=ctx.rank,
-                                              world_size=ctx.world_size, seed=self.cfg.seed)
-        for batch in data.stream(start * micro_batch):
-            yield {k: v.to(ctx.device) for k, v in
-                   self.encode(batch["image_emb"], batch["text_emb"], batch["caption"]).items()}
+        # numpy's BLAS (the PCA projection of each batch) on one thread for the run: its idle threads
+        # spin beside torch's, and took 14% of the training step on 2 cores (ratio to a bare loop 0.86
+        # against 1.00 with one thread; bench/bench_priors.py). A batch's projection is ~1 ms on one.
+        with threadpool_limits(1, user_api="blas"):
+            yield from prepared_batches(self.train_files, self.cfg, self.encode, micro_batch, start, ctx)
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         return ar_model.training_loss(model, self.prior_cfg, codes=batch["codes"], tokens=batch["tokens"],
@@ -92,7 +95,7 @@ class ARPriorTask:
         if self.eval_files is None or not self.eval_files.num_rows:
             return {}
         if self._held is None:
-            self._held = embedding_pairs.held_out(self.eval_files, self.cfg.eval_pairs)
+            self._held = embedding_pairs.held_out(self.eval_files, self.cfg.eval_pairs, seed=self.cfg.seed)
         return evaluate_ar_prior(model, self._held, self.tokenizer, self.pca, guidance=self.cfg.guidance,
                                  temperature=self.cfg.temperature, seed=self.cfg.seed)
 
@@ -114,13 +117,14 @@ def evaluate_ar_prior(model: ARPrior, held: dict[str, Any], tokenizer, pca: PcaQ
     tokens = tokenizer(held["caption"])
     codes, dot = codes_and_dots(pca, img, txt)
     nll = correct = 0.0
-    for i in range(0, len(codes), batch_size):
-        c = codes[i:i + batch_size].to(device)
-        t = trim_tokens(tokens[i:i + batch_size]).to(device)
-        logits = model(c[:, :-1], tokens=t, text_emb=torch.from_numpy(txt[i:i + batch_size]).to(device),
-                       dot=dot[i:i + batch_size].to(device), drop=torch.zeros(len(c), dtype=torch.bool, device=device))
-        nll += float(F.cross_entropy(logits.float().flatten(0, 1), c.flatten(), reduction="sum"))
-        correct += float((logits.argmax(-1) == c).sum())
+    rows = max(1, 4096 // codes.shape[1])  # the whole distribution per code: rows x codes x buckets (x mixtures)
+    for i in range(0, len(codes), rows):
+        c = codes[i:i + rows].to(device)
+        log_prob = model(c[:, :-1], tokens=trim_tokens(tokens[i:i + rows]).to(device),
+                         text_emb=torch.from_numpy(txt[i:i + rows]).to(device), dot=dot[i:i + rows].to(device),
+                         drop=torch.zeros(len(c), dtype=torch.bool, device=device))  # [n, K, B]
+        nll -= float(log_prob.gather(-1, c[..., None]).sum())
+        correct += float((log_prob.argmax(-1) == c).sum())
     n_codes = codes.numel()
     # the dot-product tokens of the samples: the upper half of the training distribution, one seeded draw
     drawn = torch.from_numpy(pca.sample_dot_bucket_upper_half(np.random.default_rng(seed), len(codes)).astype(np.int64))

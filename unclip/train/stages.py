@@ -22,6 +22,11 @@ Registered here, on what the data half produces:
   ``pca`` stage's, else the dataset version's; ``unclip.train.prior_ar``), released with that PCA.
 - ``eval_priors`` (eval): the run's priors side by side on the same held-out pairs, metrics
   ``<prior>/<metric>`` and a table artifact (``unclip.train.eval_priors``).
+- ``decoder``, ``upsampler1``, ``upsampler2`` (train, GPU, under torchrun): the image models on the
+  generative sources' images from the shards, the decoder with their stored CLIP image embeddings
+  (``unclip.train.image``), each evaluated on held-out images and released as a model version.
+- ``eval_generation`` (eval): the run's whole stack on held-out captions under each conditioning,
+  metrics ``<mode>/<metric>``, a table and a sample grid (``unclip.train.eval_generation``).
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ class Stage:
 
 
 REGISTRY: dict[str, Stage] = {}
+# what ``unclip demo`` trains and evaluates after the data pipeline (which trained CLIP and fitted the PCA)
+DEMO_TRAIN_STAGES = ("prior_diffusion", "prior_ar", "eval_priors", "decoder", "upsampler1", "upsampler2",
+                     "eval_generation")
 
 
 def register(stage: Stage) -> Stage:
@@ -175,6 +183,17 @@ def _stage_prior_ar(ctx: StageContext) -> dict:
                                    lineage=ctx.lineage)
 
 
+def _image_stage(name: str) -> Callable[[StageContext], dict]:
+    def run(ctx: StageContext) -> dict:
+        """In-process training of an image model (``retrain`` launches ``unclip.train.image`` under torchrun)."""
+        from unclip.train import image
+
+        return image.train_image_model(name, ctx.config, ctx.train_files, ctx.eval_files,
+                                       storage.join(ctx.run_dir, name), release=ctx.release, catalog_uri=ctx.catalog,
+                                       lineage=ctx.lineage)
+    return run
+
+
 def _stage_eval_priors(ctx: StageContext) -> dict:
     import torch
 
@@ -188,6 +207,25 @@ def _stage_eval_priors(ctx: StageContext) -> dict:
     return {"outputs": done["outputs"], "metrics": done["metrics"]}
 
 
+def _stage_eval_generation(ctx: StageContext) -> dict:
+    import torch
+
+    from unclip.tasks.common import publish_image, publish_table
+    from unclip.train import eval_generation
+
+    done = eval_generation.evaluate_generation(ctx.config, ctx.train_files, ctx.eval_files, ctx.previous,
+                                               storage.join(ctx.run_dir, "eval_generation"), release=ctx.release,
+                                               catalog_uri=ctx.catalog,
+                                               device="cuda" if torch.cuda.is_available() else "cpu")
+    if done["rows"]:
+        publish_table("eval_generation", "table", done["rows"], f"run {ctx.run_id}: text-to-image by conditioning "
+                      "(real: held-out images, the reference)")
+    if done["grid"]:
+        publish_image("eval_generation", "grid", done["grid"], f"run {ctx.run_id}: held-out captions; the real image, "
+                      "then each conditioning at the decoder's size and the top of the chain")
+    return {"outputs": done["outputs"], "metrics": done["metrics"]}
+
+
 # in pipeline order (``retrain`` runs the chosen stages in this order)
 register(Stage("clip", "train", _stage_clip, "CLIP (open_clip) on the mix of every source, released as a model "
                "version", gpu=True, module="unclip.train.clip"))
@@ -198,6 +236,18 @@ register(Stage("prior_diffusion", "train", _stage_prior_diffusion, "the diffusio
 register(Stage("prior_ar", "train", _stage_prior_ar, "the AR prior (caption -> the PCA codes of the CLIP image "
                "embedding) on the generative sources, released as a model version with its PCA", gpu=True,
                module="unclip.train.prior_ar"))
+register(Stage("decoder", "train", _image_stage("decoder"), "the decoder (CLIP image embedding + caption -> "
+               "image, a GLIDE-style diffusion UNet) on the generative sources' images, released as a model version",
+               gpu=True, module="unclip.train.image"))
+register(Stage("upsampler1", "train", _image_stage("upsampler1"), "upsampler 1 (x4, the low-res image blurred "
+               "in training) on the generative sources' images, released as a model version", gpu=True,
+               module="unclip.train.image"))
+register(Stage("upsampler2", "train", _image_stage("upsampler2"), "upsampler 2 (x4, the low-res image "
+               "BSR-degraded in training) on the generative sources' images, released as a model version",
+               gpu=True, module="unclip.train.image"))
+register(Stage("eval_generation", "eval", _stage_eval_generation, "text -> image on held-out captions under each "
+               "conditioning (a prior, the text embedding, the caption alone): CLIP score, Frechet distance on CLIP "
+               "features, colour and shape accuracy (demo), a sample grid", gpu=True))
 register(Stage("eval_pca", "eval", _stage_eval_pca, "held-out reconstruction error of the PCA + quantiser"))
 register(Stage("eval_retrieval", "eval", _stage_eval_retrieval, "held-out image<->text recall@k of the CLIP"))
 register(Stage("eval_priors", "eval", _stage_eval_priors, "both priors of the run on the same held-out pairs "

@@ -313,6 +313,9 @@ class Trainer:
             pass
         finally:
             self._restore_signals(previous)
+            close = getattr(batches, "close", None)
+            if close is not None:  # a task's reader threads and files end with the run, not at garbage collection
+                close()
             if writer is not None:
                 writer.flush()
             if self._saving is not None:  # a failing run still finishes writing its last good checkpoint

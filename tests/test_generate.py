@@ -1,0 +1,124 @@
+"""Generation with a stack of released models (unclip.generate) and the eval_generation stage, on
+small randomly initialised models: shapes, determinism under a seed, the bipartite-latent operations,
+and the stage's metrics, grid and sample files. (The demo test runs them on trained models.)"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unclip import generate as gen
+from unclip.config import ClipModelConfig, load_config
+from unclip.models import unet
+from unclip.models.prior import DiffusionPrior, FLAVOURS
+from unclip.train import eval_generation, image, prior
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pair_shards import make_pair_shards  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = gen.Settings(prior_steps=3, decoder_steps=3, upsampler_steps=(2, 2), batch_size=4)
+CLIP = ClipModelConfig(arch="unclip-tiny", seed=0)
+
+
+def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Zero-initialised output layers filled in, so outputs depend on inputs and noise."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("stack")
+    torch.manual_seed(0)
+    pcfg = FLAVOURS["micro"]
+    out = {"prior_diffusion": prior.write_release(_randomised(DiffusionPrior(pcfg), 1), {"flavour": "micro",
+                                                  "prior": pcfg.to_dict()}, "unclip-tiny", str(root / "prior"),
+                                                  kind="prior_diffusion")["uri"]}
+    for i, (kind, cfg) in enumerate(unet.FLAVOURS["tiny"].items()):
+        model = _randomised(unet.build(kind, cfg.to_dict()), 2 + i)
+        out[kind] = prior.write_release(model, {"stage": kind, "flavour": "tiny", "unet": cfg.to_dict()},
+                                        "unclip-tiny" if kind == "decoder" else None, str(root / kind), kind=kind,
+                                        meta=image.META_FILE)["uri"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def stack(folders) -> gen.Stack:
+    return gen.Stack.from_folders(folders, CLIP)
+
+
+@pytest.mark.parametrize("mode", ["prior_diffusion", "text_embedding", "caption_only"])
+def test_the_chain_draws_every_resolution_and_a_seed_fixes_it(stack, mode):
+    captions = ["a red circle at the top", "two small blue squares on the left"]
+    a = stack.generate(captions, mode=mode, s=SETTINGS, seed=0)
+    assert [tuple(x.shape) for x in a] == [(2, 3, 16, 16), (2, 3, 64, 64), (2, 3, 256, 256)]
+    assert all(torch.isfinite(x).all() and x.abs().max() <= 1 + 1e-5 for x in a)
+    b = stack.generate(captions, mode=mode, s=SETTINGS, seed=0)
+    c = stack.generate(captions, mode=mode, s=SETTINGS, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[-1], c[-1])
+    low = stack.generate(captions, mode=mode, s=SETTINGS, seed=0, top="upsampler1")
+    assert len(low) == 2 and torch.equal(low[0], a[0])
+
+
+def test_slerp_runs_on_the_sphere_between_its_ends():
+    a, b = torch.nn.functional.normalize(torch.randn(2, 16), dim=-1).chunk(2)
+    assert torch.allclose(gen.slerp(a, b, 0.0), a, atol=1e-5) and torch.allclose(gen.slerp(a, b, 1.0), b, atol=1e-5)
+    mid = gen.slerp(a, b, 0.5)
+    assert torch.allclose(mid.norm(dim=-1), torch.ones(1)) and torch.allclose((mid * a).sum(), (mid * b).sum(), atol=1e-5)
+
+
+def test_variations_interpolations_and_text_diffs(stack):
+    img = torch.rand(3, 256, 256) * 2 - 1
+    other = torch.rand(3, 256, 256) * 2 - 1
+    v = stack.variations(img, 3, caption="a red circle", s=SETTINGS, seed=0)
+    assert [tuple(x.shape) for x in v] == [(3, 3, 16, 16), (3, 3, 64, 64), (3, 3, 256, 256)]
+    assert not torch.equal(v[0][0], v[0][1])  # eta > 0: the variations differ
+    i = stack.interpolate(img, other, 4, s=SETTINGS, seed=0)
+    assert i[-1].shape == (4, 3, 256, 256) and not torch.equal(i[0][0], i[0][-1])
+    t = stack.text_diff(img, "a blue square", 3, base_caption="a red circle", s=SETTINGS, seed=0)
+    assert t[-1].shape == (3, 3, 256, 256)
+    # the decoder noise that deterministic DDIM maps to the image (its accuracy: tests/test_diffusion.py)
+    z, x_t, tokens = stack.invert(img, "a red circle", SETTINGS)
+    assert z.shape == (1, 1024) and x_t.shape == (1, 3, 16, 16) and torch.isfinite(x_t).all()
+
+
+def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
+    x = np.random.default_rng(0).standard_normal((400, 8))
+    assert abs(eval_generation.frechet_distance(x, x)) < 1e-6
+    assert abs(eval_generation.frechet_distance(x, x + 2.0) - 8 * 4.0) < 1e-3
+
+
+def test_eval_generation_measures_every_mode_and_writes_a_grid_and_samples(folders, tmp_path):
+    files = make_pair_shards(tmp_path / "data", {"dalle": 24}, samples_per_shard=8, image_emb=True)
+    config = load_config(ROOT / "configs" / "demo.yaml", {"train": {"eval_generation": {
+        "eval_captions": 6, "grid_captions": 2, "judge_images": 16, "judge_steps": 2, "decoder_steps": 2,
+        "prior_steps": 2, "upsampler_steps": [2, 2], "batch_size": 8}}}, variables={"workdir": str(tmp_path)})
+    previous = {k: {"outputs": {"model": v}} for k, v in folders.items()}
+    release = {"config": {"embed": {"model": CLIP.model_dump()}}}
+    done = eval_generation.evaluate_generation(config, files, files, previous, str(tmp_path / "out"),
+                                               release=release, catalog_uri=None)
+    m = done["metrics"]
+    assert m["modes_evaluated"] == 3 and m["captions"] == 6 and m["metrics_at_size"] == 64
+    for mode in ("prior_diffusion", "text_embedding", "caption_only", "real"):
+        assert np.isfinite(m[f"{mode}/clip_score"]) and m[f"{mode}/fd_clip"] >= -1e-6, mode
+        assert 0 <= m[f"{mode}/colour_acc"] <= 1 and 0 <= m[f"{mode}/shape_acc_chance"] <= 1, mode
+    assert done["grid"][:8] == b"\x89PNG\r\n\x1a\n" and Path(done["outputs"]["grid"]).exists()
+    index = json.loads((Path(done["outputs"]["samples"]) / "index.json").read_text())
+    assert len(index) == 3 * 2 and all((Path(done["outputs"]["samples"]) / e["file"]).exists() for e in index)
+    assert {e["size"] for e in index} == {256} and {e["mode"] for e in index} == {"prior_diffusion", "text_embedding",
+                                                                                  "caption_only"}
+    assert {r["metric"] for r in done["rows"]} >= {"clip_score", "fd_clip", "colour_acc", "shape_acc"}
+    # without a decoder the stage is recorded as skipped, not failed
+    none = eval_generation.evaluate_generation(config, files, files, {}, str(tmp_path / "none"), release=release,
+                                               catalog_uri=None)
+    assert none["metrics"]["modes_evaluated"] == 0 and "decoder" in none["metrics"]["skipped"]

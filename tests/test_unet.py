@@ -1,0 +1,116 @@
+"""The image models (unclip.models.unet): sizes, shapes, conditioning paths, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unclip.models import unet
+from unclip.models.diffusion import guided
+
+
+def _tokens(n: int, length: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.zeros(n, length, dtype=torch.long)
+    tok[:, 0] = 49406
+    tok[:, 1:6] = torch.randint(1, 40000, (n, 5), generator=g)
+    tok[:, 6] = 49407
+    return tok
+
+
+def _decoder_kwargs(n: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"tokens": _tokens(n, seed=seed), "image_emb": F.normalize(torch.randn(n, 1024, generator=g), dim=-1),
+            "drop_text": torch.zeros(n, dtype=torch.bool), "drop_image": torch.zeros(n, dtype=torch.bool)}
+
+
+def _randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """The model with its zero-initialised output layers filled in, so its outputs depend on its inputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_the_paper_sizes_are_counted_on_the_meta_device():
+    counts = {}
+    for kind, cfg in unet.FLAVOURS["paper"].items():
+        with torch.device("meta"):
+            counts[kind] = unet.count_parameters(unet.build(kind, cfg.to_dict()))
+    print({k: f"{v / 1e6:.0f}M" for k, v in counts.items()})
+    # the paper: a 3.5B decoder, 700M and 300M upsamplers
+    assert 3.2e9 < counts["decoder"] < 3.8e9
+    assert 0.6e9 < counts["upsampler1"] < 0.8e9
+    assert 0.25e9 < counts["upsampler2"] < 0.35e9
+
+
+def test_the_decoder_maps_noise_and_conditioning_to_an_image_and_uses_both():
+    torch.manual_seed(0)
+    cfg = unet.FLAVOURS["tiny"]["decoder"]
+    model = _randomised(unet.Decoder(cfg)).eval()
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 500, 999])
+    kw = _decoder_kwargs(3)
+    with torch.no_grad():
+        out = model(x, t, **kw)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        other_image = model(x, t, **{**kw, "image_emb": _decoder_kwargs(3, seed=1)["image_emb"]})
+        other_text = model(x, t, **{**kw, "tokens": _tokens(3, seed=1)})
+        assert not torch.allclose(out, other_image) and not torch.allclose(out, other_text)
+        # a dropped caption and a zeroed embedding make the output independent of them
+        dropped = {**kw, "drop_text": torch.ones(3, dtype=torch.bool), "drop_image": torch.ones(3, dtype=torch.bool)}
+        a = model(x, t, **dropped)
+        b = model(x, t, **{**dropped, "tokens": _tokens(3, seed=2), "image_emb": _decoder_kwargs(3, seed=2)["image_emb"]})
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_fresh_model_predicts_zero_noise():
+    # guided-diffusion's zero-initialised output layer: training starts from the mean prediction
+    model = unet.Upsampler(unet.FLAVOURS["tiny"]["upsampler1"])
+    out = model(torch.randn(2, 3, 16, 16), torch.tensor([3, 7]), low_res=torch.randn(2, 3, 4, 4))
+    assert torch.count_nonzero(out) == 0
+
+
+def test_an_upsampler_trains_on_crops_and_samples_at_the_full_size():
+    model = _randomised(unet.Upsampler(unet.FLAVOURS["tiny"]["upsampler2"])).eval()
+    with torch.no_grad():
+        crop = model(torch.randn(2, 3, 64, 64), torch.tensor([1, 2]), low_res=torch.randn(2, 3, 16, 16))
+        full = model(torch.randn(1, 3, 256, 256), torch.tensor([1]), low_res=torch.randn(1, 3, 64, 64))
+    assert crop.shape == (2, 3, 64, 64) and full.shape == (1, 3, 256, 256)
+    assert not any(isinstance(m, unet.AttentionBlock) for m in model.modules())  # convolutions only, as in the paper
+    with pytest.raises(ValueError, match="multiples"):
+        model(torch.randn(1, 3, 33, 33), torch.tensor([1]), low_res=torch.randn(1, 3, 8, 8))
+
+
+def test_decoder_sampling_is_deterministic_under_a_seed_and_guidance_runs_one_doubled_batch():
+    torch.manual_seed(0)
+    model = _randomised(unet.Decoder(unet.FLAVOURS["tiny"]["decoder"])).eval()
+    process = model.diffusion().respaced(4)
+    kw = _decoder_kwargs(2)
+    uncond = {"drop_text": torch.ones(2, dtype=torch.bool), "drop_image": torch.ones(2, dtype=torch.bool)}
+    calls = []
+
+    def counted(x, t, **k):
+        calls.append(len(x))
+        return model(x, t, **k)
+
+    def draw(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return process.sample(guided(counted, 3.0, uncond_kwargs=uncond), (2, 3, 16, 16), generator=g,
+                              model_kwargs=kw, sampler="ddim", eta=1.0)
+
+    a, b, c = draw(0), draw(0), draw(1)
+    assert a.shape == (2, 3, 16, 16) and a.abs().max() <= 1.0 + 1e-5  # the last step returns the clipped x0
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert calls == [4] * 12  # 3 draws x 4 steps, conditional and unconditional halves together
+
+
+def test_fsdp_blocks_cover_the_heavy_layers():
+    with torch.device("meta"):
+        model = unet.Decoder(unet.FLAVOURS["paper"]["decoder"])
+    covered = {id(p) for b in model.fsdp_blocks() for p in b.parameters()}
+    outside = sum(p.numel() for p in model.parameters() if id(p) not in covered)
+    # the token embedding, the projections and the in/out convolutions stay at the root
+    assert outside < 0.1 * unet.count_parameters(model)

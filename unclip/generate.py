@@ -1,0 +1,336 @@
+"""Text-to-image generation with the released stack, and what its bipartite latent gives (MISSION
+"What the bipartite latent gives"): caption -> prior -> CLIP image embedding -> decoder -> upsampler 1
+-> upsampler 2.
+
+``Stack.load`` takes the latest released model of each kind from the catalog (or those of one
+training run) and the CLIP that embedded their dataset version (for the captions' text embeddings
+and tokens, and to embed a given image). Every sampler takes an explicit ``torch.Generator``, so a
+seed gives the same images.
+
+- ``Stack.generate``: captions -> images at every resolution of the chain; the conditioning can be a
+  prior's sample (``prior_diffusion``, ``prior_ar``), the CLIP text embedding given in place of the
+  image embedding (``text_embedding``) or the caption alone with a zero embedding (``caption_only``),
+  the paper's ablation;
+- ``Stack.variations``: DDIM with eta > 0 from (z_i, x_T) of a given image, x_T found by DDIM inversion
+  of the decoder conditioned on z_i;
+- ``Stack.interpolate``: slerp between two images' CLIP image embeddings, decoded with fixed noise;
+- ``Stack.text_diff``: slerp from an image's z_i toward z_d = norm(z_t - z_t0), the difference of the
+  new caption's and the base caption's text embeddings, with the image's inverted x_T fixed.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from unclip import catalog, storage
+from unclip.models import ar_prior as ar_model
+from unclip.models import prior as prior_model
+from unclip.models.diffusion import guided
+from unclip.models.prior import trim_tokens
+from unclip.train.image import square, to_pil, to_tensor
+
+MODES = ("prior_diffusion", "prior_ar", "text_embedding", "caption_only")
+IMAGE_STAGES = ("decoder", "upsampler1", "upsampler2")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sampling settings (the paper's decoder and upsamplers sample in 250, 27 and 15 steps)."""
+
+    prior_guidance: float = 1.0
+    prior_steps: int = 25
+    candidates: int = 2
+    ar_temperature: float = 1.0
+    decoder_guidance: float = 3.0
+    decoder_steps: int = 50
+    upsampler_steps: tuple[int, int] = (20, 10)
+    eta: float = 0.0  # the decoder's DDIM eta (variations use their own, > 0)
+    batch_size: int = 16
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation between unit vectors (rows), t in [0, 1]."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    omega = torch.arccos((a * b).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
+    so = torch.sin(omega)
+    return F.normalize(torch.sin((1 - t) * omega) / so * a + torch.sin(t * omega) / so * b, dim=-1)
+
+
+def from_pil(img: Image.Image, size: int) -> torch.Tensor:
+    """A PIL image -> float [3, size, size] in [-1, 1] (centre square, bicubic)."""
+    return to_tensor(square(img.convert("RGB"), size))
+
+
+def _model_record(where: str, kind: str, run_id: str | None) -> dict:
+    if run_id is None:
+        return catalog.resolve_model(where, f"{kind}@latest")
+    mine = [m for m in catalog.models(where, kind) if m.get("run_id") == run_id]
+    if not mine:
+        raise catalog.CatalogError(f"run {run_id!r} released no {kind!r} model in {where}")
+    return mine[-1]
+
+
+def _dataset_release(where: str, version: str) -> dict:
+    for name in catalog.dataset_names(where):
+        for r in catalog.datasets(where, name):
+            if r["version"] == version:
+                return r
+    raise catalog.CatalogError(f"dataset version {version!r} is not in {where}")
+
+
+def clip_config(where: str | None, release: dict):
+    """The ClipModelConfig of the CLIP that embedded a dataset version: its catalog model version when
+    it has one, else the embed config it was made with."""
+    from unclip.config import ClipModelConfig
+
+    version = release.get("clip_model_version")
+    if version and where:
+        rec = catalog.resolve_model(where, version)
+        return ClipModelConfig(arch=rec["arch"], checkpoint=rec["weights"])
+    return ClipModelConfig.model_validate(((release.get("config") or {}).get("embed") or {})["model"])
+
+
+@dataclass
+class Stack:
+    """The released models of the chain, on one device, in eval mode."""
+
+    models: dict[str, torch.nn.Module]
+    records: dict[str, dict]  # kind -> the catalog's model record
+    clip: Any
+    tokenizer: Any
+    extras: dict[str, Any] = field(default_factory=dict)  # the AR prior's PCA
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def load(cls, where: str, *, run_id: str | None = None, kinds: tuple[str, ...] = ("prior_diffusion", *IMAGE_STAGES),
+             device: str | torch.device = "cpu") -> Stack:
+        """The latest released model of each of ``kinds`` (of run ``run_id`` when given) from catalog
+        ``where``, with the CLIP of the decoder's dataset version."""
+        records = {kind: _model_record(where, kind, run_id) for kind in kinds}
+        anchor = records.get("decoder") or next(iter(records.values()))
+        stack = cls.from_folders({k: r["uri"] for k, r in records.items()},
+                                 clip_config(where, _dataset_release(where, anchor["dataset_version"])), device=device)
+        stack.records.update(records)
+        return stack
+
+    @classmethod
+    def from_folders(cls, folders: dict[str, str], clip_cfg, *, device: str | torch.device = "cpu") -> Stack:
+        """The models in release folders (kind -> folder) and the CLIP of ``clip_cfg`` (a ClipModelConfig)."""
+        from unclip.data import clip as clip_data
+        from unclip.data.pca import PcaQuantiser
+        from unclip.train import image, prior, prior_ar
+
+        device = torch.device(device)
+        models, records, extras = {}, {}, {}
+        for kind, uri in folders.items():
+            if kind.startswith("prior"):
+                model, _ = prior.load_release(uri)
+                if kind == "prior_ar":
+                    extras["pca"] = PcaQuantiser.load(io.BytesIO(storage.read_bytes(storage.join(uri, prior_ar.PCA_FILE))))
+            else:
+                model, _ = image.load_release(uri)
+            models[kind], records[kind] = model.to(device), {"uri": uri, "version": uri}
+        clip, _, tokenizer = clip_data.load_clip(clip_cfg, device)
+        return cls(models, records, clip, tokenizer, extras, device)
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return {k: r["version"] for k, r in self.records.items()}
+
+    def size(self, stage: str) -> int:
+        return self.models[stage].cfg.image_size
+
+    # -- CLIP ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(caption tokens [N, L], unit-norm CLIP text embeddings [N, D]) on the device."""
+        tokens = self.tokenizer(captions).to(self.device)
+        return tokens, F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
+
+    @torch.no_grad()
+    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm CLIP image embeddings of images [N, 3, H, W] in [-1, 1] (resized and normalised
+        as the CLIP's preprocessing does)."""
+        side = self.clip.visual.image_size
+        side = side[0] if isinstance(side, (tuple, list)) else side
+        x = F.interpolate(images.float().to(self.device), size=(side, side), mode="bicubic", antialias=True,
+                          align_corners=False).clamp(-1, 1)
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        mean = torch.tensor(getattr(self.clip.visual, "image_mean", None) or OPENAI_DATASET_MEAN,
+                            device=self.device)[:, None, None]
+        std = torch.tensor(getattr(self.clip.visual, "image_std", None) or OPENAI_DATASET_STD,
+                           device=self.device)[:, None, None]
+        return F.normalize(self.clip.encode_image(((x + 1) / 2 - mean) / std).float(), dim=-1)
+
+    # -- the chain ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, mode: str, tokens: torch.Tensor, text_emb: torch.Tensor, s: Settings,
+              g: torch.Generator) -> torch.Tensor:
+        """The CLIP image embeddings the decoder is given under ``mode`` (zeros for caption_only)."""
+        if mode == "prior_diffusion":
+            return prior_model.sample(self.models[mode], text_emb=text_emb, tokens=tokens, guidance=s.prior_guidance,
+                                      steps=s.prior_steps, candidates=s.candidates, generator=g)
+        if mode == "prior_ar":
+            pca = self.extras["pca"]
+            dot = torch.from_numpy(pca.sample_dot_bucket_upper_half(
+                np.random.default_rng(int(torch.randint(0, 2 ** 62, (), generator=g))), len(tokens)).astype(np.int64))
+            codes = ar_model.sample(self.models[mode], tokens=trim_tokens(tokens), text_emb=text_emb,
+                                    dot=dot.to(self.device), guidance=s.prior_guidance, temperature=s.ar_temperature,
+                                    generator=g)
+            return F.normalize(torch.from_numpy(pca.decode(codes.cpu().numpy())).float(), dim=-1).to(self.device)
+        if mode == "text_embedding":
+            return text_emb
+        if mode == "caption_only":
+            return torch.zeros_like(text_emb)
+        raise ValueError(f"unknown conditioning {mode!r}; one of {MODES}")
+
+    def _decoder_fn(self, tokens: torch.Tensor, z: torch.Tensor, guidance: float, *, drop_image: bool = False):
+        n = len(z)
+        kwargs = {"tokens": trim_tokens(tokens), "image_emb": z,
+                  "drop_text": torch.zeros(n, dtype=torch.bool, device=self.device),
+                  "drop_image": torch.full((n,), drop_image, dtype=torch.bool, device=self.device)}
+        ones = torch.ones(n, dtype=torch.bool, device=self.device)
+        return guided(self.models["decoder"], guidance, uncond_kwargs={"drop_text": ones, "drop_image": ones}), kwargs
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, tokens: torch.Tensor, s: Settings, g: torch.Generator, *,
+               noise: torch.Tensor | None = None, eta: float | None = None, caption_only: bool = False) -> torch.Tensor:
+        """CLIP image embeddings (+ caption tokens) -> the decoder's images [N, 3, s, s] in [-1, 1]."""
+        model = self.models["decoder"]
+        fn, kwargs = self._decoder_fn(tokens, z, s.decoder_guidance, drop_image=caption_only)
+        side = self.size("decoder")
+        return model.diffusion().respaced(s.decoder_steps).sample(
+            fn, (len(z), 3, side, side), noise=noise, model_kwargs=kwargs, generator=g, device=self.device,
+            sampler="ddim", eta=s.eta if eta is None else eta)
+
+    @torch.no_grad()
+    def upsample(self, stage: str, low: torch.Tensor, steps: int, g: torch.Generator) -> torch.Tensor:
+        model = self.models[stage]
+        side = self.size(stage)
+        return model.diffusion().respaced(steps).sample(model, (len(low), 3, side, side), generator=g,
+                                                        device=self.device, model_kwargs={"low_res": low})
+
+    def chain(self, first: torch.Tensor, s: Settings, g: torch.Generator, *, top: str = "upsampler2") -> list[torch.Tensor]:
+        """The decoder's images and their upsampled versions, up to stage ``top``."""
+        out = [first]
+        for i, stage in enumerate(("upsampler1", "upsampler2")):
+            if stage not in self.models or IMAGE_STAGES.index(stage) > IMAGE_STAGES.index(top):
+                break
+            out.append(self.upsample(stage, out[-1], s.upsampler_steps[i], g))
+        return out
+
+    def generate(self, captions: list[str], *, mode: str = "prior_diffusion", s: Settings = Settings(),
+                 seed: int = 0, top: str = "upsampler2") -> list[torch.Tensor]:
+        """Images for ``captions`` under conditioning ``mode``: one [N, 3, side, side] tensor per
+        resolution of the chain, up to ``top``; batches of ``s.batch_size``, one seeded generator."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        outs: list[list[torch.Tensor]] = []
+        for i in range(0, len(captions), s.batch_size):
+            tokens, text_emb = self.text(captions[i:i + s.batch_size])
+            z = self.embed(mode, tokens, text_emb, s, g)
+            first = self.decode(z, tokens, s, g, caption_only=mode == "caption_only")
+            outs.append(self.chain(first, s, g, top=top))
+        return [torch.cat([o[k] for o in outs]).cpu() for k in range(len(outs[0]))]
+
+    # -- the bipartite latent -----------------------------------------------------------------------
+    @torch.no_grad()
+    def invert(self, image: torch.Tensor, caption: str, s: Settings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z_i, x_T, tokens) of one image [3, H, W]: its CLIP image embedding, and the decoder noise that
+        deterministic DDIM (unguided, conditioned on z_i and ``caption``) maps to it."""
+        z = self.image_embedding(image[None])
+        tokens, _ = self.text([caption])
+        x0 = F.interpolate(image[None].float().to(self.device), size=(self.size("decoder"),) * 2, mode="bicubic",
+                           antialias=True, align_corners=False).clamp(-1, 1)
+        fn, kwargs = self._decoder_fn(tokens, z, 1.0)
+        x_t = self.models["decoder"].diffusion().respaced(s.decoder_steps).ddim_invert(fn, x0, model_kwargs=kwargs)
+        return z, x_t, tokens
+
+    def variations(self, image: torch.Tensor, n: int, *, caption: str = "", eta: float = 0.8, s: Settings = Settings(),
+                   seed: int = 0) -> list[torch.Tensor]:
+        """``n`` variations of an image: DDIM with ``eta`` > 0 from its (z_i, x_T)."""
+        z, x_t, tokens = self.invert(image, caption, s)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        first = self.decode(z.repeat(n, 1), tokens.repeat(n, 1), s, g, noise=x_t.repeat(n, 1, 1, 1), eta=eta)
+        return [t.cpu() for t in self.chain(first, s, g)]
+
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor, n: int, *, caption: str = "", s: Settings = Settings(),
+                    seed: int = 0) -> list[torch.Tensor]:
+        """``n`` images along the slerp between two images' CLIP embeddings, with the same DDIM noise."""
+        za, zb = self.image_embedding(torch.stack([a, b])).chunk(2)
+        z = torch.cat([slerp(za, zb, t) for t in np.linspace(0, 1, n)])
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        side = self.size("decoder")
+        noise = torch.randn((1, 3, side, side), generator=g, device=self.device).repeat(n, 1, 1, 1)
+        tokens, _ = self.text([caption] * n)
+        first = self.decode(z, tokens, s, g, noise=noise, eta=0.0)
+        return [t.cpu() for t in self.chain(first, s, g)]
+
+    def text_diff(self, image: torch.Tensor, new_caption: str, n: int, *, base_caption: str = "",
+                  s: Settings = Settings(), seed: int = 0, max_angle: float = 0.5) -> list[torch.Tensor]:
+        """``n`` images from the image's z_i toward z_d = norm(z_t - z_t0) (slerp fractions 0 ..
+        ``max_angle``), each decoded from the image's inverted x_T, so only the embedding moves."""
+        z, x_t, tokens = self.invert(image, base_caption, s)
+        _, texts = self.text([new_caption, base_caption])
+        zd = F.normalize(texts[:1] - texts[1:], dim=-1)
+        zs = torch.cat([slerp(z, zd, t) for t in np.linspace(0, max_angle, n)])
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        first = self.decode(zs, tokens.repeat(n, 1), s, g, noise=x_t.repeat(n, 1, 1, 1), eta=0.0)
+        return [t.cpu() for t in self.chain(first, s, g)]
+
+
+def grid(rows: list[list[Image.Image]], labels: list[str] | None = None, *, pad: int = 2, label_width: int = 0,
+         header: list[str] | None = None) -> Image.Image:
+    """Images in a grid (rows of equal-sized cells, each scaled to the largest), with an optional text
+    label left of each row and a header above each column."""
+    from PIL import ImageDraw
+
+    cell = max(max(im.size) for row in rows for im in row)
+    cols = max(len(r) for r in rows)
+    top = 28 if header else 0
+    width = label_width + cols * (cell + pad) + pad
+    out = Image.new("RGB", (width, top + len(rows) * (cell + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    for j, text in enumerate(header or []):
+        _wrap_text(draw, text, (label_width + pad + j * (cell + pad), 2), cell)
+    for i, row in enumerate(rows):
+        y = top + pad + i * (cell + pad)
+        if labels and label_width:
+            _wrap_text(draw, labels[i], (4, y + 2), label_width - 8)
+        for j, im in enumerate(row):
+            out.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (label_width + pad + j * (cell + pad), y))
+    return out
+
+
+def _wrap_text(draw, text: str, xy: tuple[int, int], width: int, line_height: int = 11) -> None:
+    words, line, y = text.split(), "", xy[1]
+    for w in words:
+        trial = f"{line} {w}".strip()
+        if draw.textlength(trial) > width and line:
+            draw.text((xy[0], y), line, fill=(0, 0, 0))
+            line, y = w, y + line_height
+        else:
+            line = trial
+    if line:
+        draw.text((xy[0], y), line, fill=(0, 0, 0))
+
+
+def write_images(images: list[torch.Tensor], out_dir: str, entries: list[dict], stem: str) -> list[dict]:
+    """The top resolution's images as PNG files ``<stem>-<i>.png`` in ``out_dir``, and their index
+    entries (``entries[i]`` plus ``file`` and ``size``)."""
+    top = images[-1]
+    written = []
+    for i, (x, entry) in enumerate(zip(top, entries)):
+        name = f"{stem}-{i:03d}.png"
+        buf = io.BytesIO()
+        to_pil(x).save(buf, format="PNG")
+        storage.write_bytes(storage.join(out_dir, name), buf.getvalue())
+        written.append({**entry, "file": name, "size": int(x.shape[-1])})
+    return written

@@ -1,0 +1,300 @@
+"""The attribute judge: does an image show the colours and shapes its caption names?
+
+The paper measures its samples by human judgement and by CLIP scores (Ramesh et al., 2022, section
+7); the demo has something better, the truth. Every demo image is a rendered scene of coloured
+shapes whose ground truth (``scene_json``) travels with it, and the "dalle" captions name each
+object's count, size, colour, shape and position (``unclip.data.demo_source``). This module is a small
+multi-label CNN trained on real demo images against that ground truth: one sigmoid per colour and
+one per shape, "is there an object of this colour / this shape anywhere in the image". A generated
+image is then scored by whether the judge sees each captioned object's colour and shape
+(``attribute_accuracy``), and the same measurement on held-out REAL images is the ceiling of the
+measurement: a generator cannot be judged better than the judge reads real pictures.
+
+Images are float tensors [N, 3, H, W] in [-1, 1] of any size; the judge resizes them (bilinear,
+antialiased) to ``JUDGE_SIZE`` so that it never depends on the size the images were rendered or
+sampled at. Positions, counts and sizes are not judged: labels are sets of colours and shapes.
+
+Measured with the defaults (width 16, 600 steps of 64) on 1,000 demo scenes rendered at 64-96 px, on
+200 held-out ones: colour_acc 1.000, 0.997, 1.000 and shape_acc 0.992, 0.994, 0.992 for seeds 0, 1, 2
+(chance 0.24-0.27 and 0.26-0.30), training in 130-160 s on one thread of a busy 2-core machine.
+Width 32 scored the same (1.000, 0.989) in 2.5 times as long.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip import storage
+from unclip.data import demo_source
+
+JUDGE_SIZE = 64
+COLOURS: tuple[str, ...] = tuple(demo_source.COLOURS)
+SHAPES: tuple[str, ...] = tuple(demo_source.SHAPES)
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "judge.json"
+
+_COLOUR_INDEX = {c: i for i, c in enumerate(COLOURS)}
+_SHAPE_INDEX = {s: i for i, s in enumerate(SHAPES)}
+# singular and plural nouns -> the shape
+_SHAPE_WORDS = {**{s: s for s in SHAPES}, **{p: s for s, p in demo_source.PLURAL.items()}}
+
+
+# ------------------------------------------------------------------------------------ labels
+
+def scene_labels(scene: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-hot float32 vectors [len(COLOURS)], [len(SHAPES)] of the objects of a ``scene_json`` dict."""
+    colours = np.zeros(len(COLOURS), np.float32)
+    shapes = np.zeros(len(SHAPES), np.float32)
+    for obj in scene["objects"]:
+        colours[_COLOUR_INDEX[obj["colour"]]] = 1.0
+        shapes[_SHAPE_INDEX[obj["shape"]]] = 1.0
+    return colours, shapes
+
+
+def caption_attributes(caption: str) -> list[tuple[str | None, str | None]]:
+    """The (colour, shape) of each object phrase of a caption, in order.
+
+    A shape noun (singular or plural) closes a phrase and takes the last colour word since the previous
+    noun; a colour word with no noun before the next colour (or the end) is a phrase with shape None, a
+    noun with no colour one with colour None. Words are runs of letters, so the demo's "dalle" captions
+    ("Two small red circles on the left and a large blue square at the top right.") parse exactly and
+    web-style ones ("red_circle-2-blue-squares.jpg") give what they name.
+    """
+    out: list[tuple[str | None, str | None]] = []
+    colour: str | None = None
+    for word in re.findall(r"[a-z]+", caption.lower()):
+        if word in _COLOUR_INDEX:
+            if colour is not None:
+                out.append((colour, None))
+            colour = word
+        elif word in _SHAPE_WORDS:
+            out.append((colour, _SHAPE_WORDS[word]))
+            colour = None
+    if colour is not None:
+        out.append((colour, None))
+    return out
+
+
+# ------------------------------------------------------------------------------------- model
+
+def _block(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    pad = (kernel - 1) // 2 if stride == 1 else (kernel - stride) // 2
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, pad, bias=False), nn.BatchNorm2d(cout), nn.SiLU())
+
+
+def _pool(h: torch.Tensor) -> torch.Tensor:
+    """[N, D, h, w] -> [N, 2D]: the max over positions ("is it anywhere") beside the mean."""
+    return torch.cat([h.amax(dim=(2, 3)), h.mean(dim=(2, 3))], dim=1)
+
+
+def silhouette(images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] -> [N, 1, H, W]: each pixel's distance (in [-1, 1] units) from the image's median
+    colour, which is the background's, since the objects cover a small part of the picture."""
+    # every other pixel of every other row is plenty for a median, at a quarter of the cost
+    background = images[:, :, ::2, ::2].flatten(2).median(dim=2).values[:, :, None, None]  # [N, 3, 1, 1]
+    # a sum of squares, not Tensor.norm(dim=1): that reduction across channels is ~10x slower on CPU
+    return ((images - background).square().sum(dim=1, keepdim=True) + 1e-6).sqrt() - 0.5
+
+
+class AttributeJudge(nn.Module):
+    """Two small CNNs: a colour stream on the pixels, a shape stream on the silhouette.
+
+    The shape stream sees only how far each pixel is from the background colour, so a red star and a
+    white star look the same to it and every shape is learned once for all colours. On RGB, a network
+    trained on the demo's images learns shapes per colour and barely generalises (held-out shape_acc
+    about 0.25 after 300 steps of 64, against about 0.96 with the silhouette). Both streams start with
+    a strided 4x4 convolution (64 -> 32 px; the small objects are ~3 px in radius at 64) and end with
+    global max and mean pooling and a linear head. BatchNorm: in eval mode every image is judged alone,
+    with the statistics of the real training images.
+    """
+
+    def __init__(self, *, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.width = width
+        self.shape_features = nn.Sequential(
+            _block(1, w, 4, 2), _block(w, w),  # 32 px
+            nn.MaxPool2d(2), _block(w, 2 * w), _block(2 * w, 2 * w),  # 16
+            nn.MaxPool2d(2), _block(2 * w, 4 * w), _block(4 * w, 4 * w),  # 8
+        )
+        # Colour is nearly a per-pixel question: a wide 4x4 stem (a narrow one loses the colour of the
+        # small objects), a max pool that keeps their strongest responses, then 1x1 convolutions.
+        self.colour_features = nn.Sequential(
+            _block(4, 2 * w, 4, 2), nn.MaxPool2d(2),  # 32 -> 16 px
+            _block(2 * w, 2 * w, 1), _block(2 * w, 2 * w, 1),
+        )
+        self.colour_head = nn.Linear(4 * w, len(COLOURS))
+        self.shape_head = nn.Linear(8 * w, len(SHAPES))
+        # An image shows two of the eight colours and shapes or so: start every label at "absent".
+        for head in (self.colour_head, self.shape_head):
+            nn.init.constant_(head.bias, -1.5)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] in [-1, 1] -> logits [N, len(COLOURS) + len(SHAPES)] (colours first)."""
+        x = resize(images)  # [N, 3, 64, 64]
+        sil = silhouette(x)  # [N, 1, 64, 64]
+        colours = self.colour_head(_pool(self.colour_features(torch.cat([x, sil], dim=1))))  # [N, C]
+        shapes = self.shape_head(_pool(self.shape_features(sil)))  # [N, S]
+        return torch.cat([colours, shapes], dim=1)
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sigmoid probabilities of images [N, 3, H, W] in [-1, 1] (any H, W: resized to ``JUDGE_SIZE``):
+        colours [N, len(COLOURS)], shapes [N, len(SHAPES)]."""
+        p = torch.sigmoid(self(images.to(self.shape_head.weight.device, torch.float32)))
+        return p[:, : len(COLOURS)], p[:, len(COLOURS):]
+
+
+def resize(images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] -> [N, 3, JUDGE_SIZE, JUDGE_SIZE], bilinear with antialiasing (a no-op at that size)."""
+    if images.shape[-2:] == (JUDGE_SIZE, JUDGE_SIZE):
+        return images
+    return F.interpolate(images, size=(JUDGE_SIZE, JUDGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+
+
+# ---------------------------------------------------------------------------------- training
+
+def _augment(x: torch.Tensor, g: torch.Generator, shift: int = 4) -> torch.Tensor:
+    """Random translations of up to ``shift`` px (edges replicated) and horizontal flips: neither changes
+    which colours and shapes are present (no vertical flips: the triangles point up)."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+    dy = torch.randint(0, 2 * shift + 1, (n, 1, 1, 1), generator=g).to(x.device)
+    dx = torch.randint(0, 2 * shift + 1, (n, 1, 1, 1), generator=g).to(x.device)
+    flip = (torch.rand(n, 1, 1, 1, generator=g) < 0.5).to(x.device)
+    cols = torch.arange(w, device=x.device).view(1, 1, 1, w)
+    cols = torch.where(flip, w - 1 - cols, cols)  # a flip reads the columns backwards
+    rows = torch.arange(h, device=x.device).view(1, 1, h, 1)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    chans = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[batch, chans, rows + dy, cols + dx]  # [N, C, H, W]
+
+
+def _lr(step: int, steps: int, lr: float) -> float:
+    """Linear warm-up over the first 5% of steps, then a cosine down to zero."""
+    warm = max(1, steps // 20)
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def train_judge(images: torch.Tensor, colour_targets: torch.Tensor, shape_targets: torch.Tensor, *,
+                steps: int = 600, batch_size: int = 64, lr: float = 5e-3, seed: int = 0,
+                augment: bool = True, width: int = 16) -> AttributeJudge:
+    """Train a judge on real images [N, 3, H, W] in [-1, 1] and their multi-hot labels [N, C], [N, S].
+
+    BCE with logits on every colour and shape, AdamW, batches drawn with replacement; everything random
+    (initialisation, batches, augmentation) comes from ``seed``, and the global RNG is left untouched.
+    The images are resized to ``JUDGE_SIZE`` once, up front. Returns the judge in eval mode on the
+    images' device.
+    """
+    if not (len(images) == len(colour_targets) == len(shape_targets)):
+        raise ValueError("images, colour_targets and shape_targets must have the same length")
+    device = images.device
+    x = resize(images.float())
+    y = torch.cat([colour_targets, shape_targets], dim=1).float().to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        judge = AttributeJudge(width=width).to(device)
+    g = torch.Generator().manual_seed(seed)
+    decay = [p for p in judge.parameters() if p.dim() >= 2]  # conv and linear weights; not norms, biases
+    rest = [p for p in judge.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+    judge.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (batch_size,), generator=g).to(device)
+        xb = _augment(x[idx], g) if augment else x[idx]
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr)
+        loss = F.binary_cross_entropy_with_logits(judge(xb), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return judge.eval()
+
+
+# -------------------------------------------------------------------------------- measuring
+
+def _hits(colour_p: torch.Tensor, shape_p: torch.Tensor, captions: list[str],
+          threshold: float) -> tuple[list[bool], list[bool], int]:
+    colour_hits, shape_hits, objects = [], [], 0
+    for i, caption in enumerate(captions):
+        for colour, shape in caption_attributes(caption):
+            objects += 1
+            if colour is not None:
+                colour_hits.append(bool(colour_p[i, _COLOUR_INDEX[colour]] > threshold))
+            if shape is not None:
+                shape_hits.append(bool(shape_p[i, _SHAPE_INDEX[shape]] > threshold))
+    return colour_hits, shape_hits, objects
+
+
+def _partners(captions: list[str]) -> list[int]:
+    """For each image, the index of another image's caption: the next one whose named (colour, shape)
+    set differs from its own (cyclically), or simply the next one when every caption names the same."""
+    sets = [frozenset(caption_attributes(c)) for c in captions]
+    n = len(captions)
+    out = []
+    for i in range(n):
+        out.append(next((j % n for j in range(i + 1, i + n) if sets[j % n] != sets[i]), (i + 1) % n))
+    return out
+
+
+def _mean(hits: list[bool]) -> float:
+    return sum(hits) / len(hits) if hits else float("nan")
+
+
+@torch.no_grad()
+def attribute_accuracy(judge: AttributeJudge, images: torch.Tensor, captions: list[str], *,
+                       threshold: float = 0.5, batch_size: int = 256) -> dict[str, float]:
+    """How often the judge sees each captioned object's colour and shape in its image.
+
+    ``colour_acc``: over every (image, captioned object), whether the judge's probability for that
+    object's colour is above ``threshold``; ``shape_acc`` the same for shapes. ``colour_acc_chance``
+    and ``shape_acc_chance``: the same with each image paired with another image's caption (``_partners``),
+    i.e. what an image unrelated to its caption scores. ``objects``: the (image, object) pairs judged.
+    The judge is put in eval mode.
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    judge.eval()
+    probs = [judge.probabilities(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    colour_p = torch.cat([p[0] for p in probs]).cpu()
+    shape_p = torch.cat([p[1] for p in probs]).cpu()
+    colour_hits, shape_hits, objects = _hits(colour_p, shape_p, captions, threshold)
+    other = [captions[j] for j in _partners(captions)]
+    colour_chance, shape_chance, _ = _hits(colour_p, shape_p, other, threshold)
+    return {"colour_acc": _mean(colour_hits), "shape_acc": _mean(shape_hits),
+            "colour_acc_chance": _mean(colour_chance), "shape_acc_chance": _mean(shape_chance),
+            "objects": float(objects)}
+
+
+# ------------------------------------------------------------------------------------- files
+
+def save_judge(judge: AttributeJudge, folder: str) -> str:
+    """Write ``folder/model.safetensors`` and then ``folder/judge.json`` (the width), each atomically;
+    ``folder`` is any fsspec URI. Returns ``folder``."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in judge.state_dict().items()}
+    storage.write_bytes(storage.join(folder, WEIGHTS_FILE), save(state))
+    storage.write_json(storage.join(folder, CONFIG_FILE), {"width": judge.width, "judge_size": JUDGE_SIZE,
+                                                           "colours": list(COLOURS), "shapes": list(SHAPES)})
+    return folder
+
+
+def load_judge(folder: str, device: torch.device | str = "cpu") -> AttributeJudge:
+    """A judge written by ``save_judge``, in eval mode on ``device``."""
+    from safetensors.torch import load
+
+    meta = storage.read_json(storage.join(folder, CONFIG_FILE))
+    if tuple(meta["colours"]) != COLOURS or tuple(meta["shapes"]) != SHAPES:
+        raise ValueError(f"{folder}: judge trained on other labels ({meta['colours']}, {meta['shapes']})")
+    judge = AttributeJudge(width=int(meta["width"]))
+    judge.load_state_dict(load(storage.read_bytes(storage.join(folder, WEIGHTS_FILE))))
+    return judge.to(device).eval()
