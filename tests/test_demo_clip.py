@@ -28,6 +28,17 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 2000
+# The image chain for a handful of steps: its whole path (shards and stored embeddings in, released
+# models, eval_generation's four modes, the grid, `unclip generate`) in about 3 minutes instead of the
+# demo's 14. What the demo's own settings reach (colour_acc, shape_acc by mode) is measured by
+# `make demo` and recorded in docs/training.md.
+IMAGE_CHAIN_FOR_CI = {"train": {
+    "decoder": {"steps": 60, "checkpoint_every": 30, "eval_every": 30, "eval_images": 32},
+    "upsampler1": {"steps": 30, "checkpoint_every": 15, "eval_every": 15, "eval_images": 4, "sample_steps": 4},
+    "upsampler2": {"steps": 6, "checkpoint_every": 3, "eval_images": 2, "sample_steps": 3},
+    "eval_generation": {"eval_captions": 16, "grid_captions": 2, "judge_images": 600, "judge_steps": 300,
+                        "decoder_steps": 10, "upsampler_steps": [4, 3]},
+}}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +47,7 @@ def demo(tmp_path_factory, prefect_api):
     from unclip.flows.demo import DEMO_TRAIN_STAGES, demo_flow
 
     workdir = tmp_path_factory.mktemp("demo-clip") / "w"
-    config = load_config(ROOT / "configs" / "demo.yaml", variables={"workdir": str(workdir)})
+    config = load_config(ROOT / "configs" / "demo.yaml", IMAGE_CHAIN_FOR_CI, variables={"workdir": str(workdir)})
     records = demo_flow(config=config, workdir=str(workdir), size=SIZE, seed=0, train_stages=list(DEMO_TRAIN_STAGES))
     return {"workdir": workdir, "records": records, "config": config,
             "summary": summary(records, str(workdir), config, 0.0)}
@@ -164,8 +175,8 @@ def test_the_image_chain_is_trained_released_and_judged(demo):
         for metric in ("clip_score", "fd_clip", "colour_acc", "colour_acc_chance", "shape_acc", "shape_acc_chance"):
             assert np.isfinite(m[f"{mode}/{metric}"]), (mode, metric)
     # the judge's ceiling on real held-out images, and the real images' own CLIP score above the
-    # unconditioned samples'. (The issue's bar, colour_acc >= 0.7 with the diffusion prior, is not
-    # asserted yet: the demo's image chain with the v target has not been measured end to end.)
+    # unconditioned samples'. The issue's bar (colour_acc >= 0.7 with the diffusion prior) is the demo's
+    # to measure with its own settings (docs/training.md: not met; the 16 px decoder caps it near 0.78)
     assert m["real/colour_acc"] >= 0.9 and m["real/colour_acc"] > m["real/colour_acc_chance"] + 0.4, m
     assert m["real/clip_score"] > m["caption_only/clip_score"] - 0.05, m
     stage = run["stages"]["eval_generation"]["outputs"]

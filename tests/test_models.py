@@ -60,6 +60,11 @@ def test_prefect_yaml_entrypoints_are_flows():
         if d.get("parameters"):  # the flow takes what the deployment passes
             getattr(mod, fn).validate_parameters(d["parameters"])
         assert d["work_pool"]["name"] == "unclip-process"
+    # the demo deployment trains what `unclip demo` does
+    from unclip.train.stages import DEMO_TRAIN_STAGES
+
+    demo = next(d for d in spec["deployments"] if d["name"] == "demo")
+    assert tuple(demo["parameters"]["train_stages"]) == DEMO_TRAIN_STAGES
 
 
 @pytest.mark.parametrize("name", ["unclip-tiny", "unclip-ViT-H-16-256"])

@@ -198,6 +198,11 @@ def refreshes(catalog: str) -> list[dict]:
 _MODEL = re.compile(r"^m(\d{6})-(.+)\.json$")
 
 
+def model_version_id(kind: str, weights_sha256: str) -> str:
+    """A released model's version id: its kind and the start of its weights' sha256."""
+    return f"{kind}-{weights_sha256[:12]}"
+
+
 def publish_model(catalog: str, record: dict) -> dict:
     """Release a trained model as a version of its ``kind`` (clip, prior_diffusion, ...).
 
@@ -206,7 +211,7 @@ def publish_model(catalog: str, record: dict) -> dict:
     the same weights published twice (a finished run resumed) give the same version, written once.
     """
     kind = record["kind"]
-    version = f"{kind}-{record['weights_sha256'][:12]}"
+    version = model_version_id(kind, record["weights_sha256"])
     found = models(catalog, kind)
     for r in found:
         if r["version"] == version:

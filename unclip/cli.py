@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder-guidance", type=float, default=3.0)
     g.add_argument("--decoder-steps", type=int, default=50)
     g.add_argument("--upsampler-steps", default="20,10", help="DDIM steps of upsampler 1 and 2 (default 20,10)")
-    g.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
+    g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     which = g.add_mutually_exclusive_group()
     which.add_argument("--variations", metavar="IMAGE", help="variations of IMAGE (DDIM with eta > 0 from its "
                        "z_i and inverted x_T)")
@@ -270,6 +270,7 @@ def generate(args) -> int:
     """``unclip generate``: PNG files at the top of the chain and ``OUT/index.json``."""
     import io
 
+    import torch
     from PIL import Image
 
     from unclip import catalog, storage
@@ -290,7 +291,8 @@ def generate(args) -> int:
                                 decoder_guidance=args.decoder_guidance, decoder_steps=args.decoder_steps,
                                 upsampler_steps=up)
         prior = f"prior_{args.prior}"
-        stack = gen.Stack.load(where, run_id=args.run, kinds=(prior, *gen.IMAGE_STAGES), device=args.device)
+        stack = gen.Stack.load(where, run_id=args.run, kinds=(prior, *gen.IMAGE_STAGES),
+                               device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (ValueError, catalog.CatalogError) as err:
         print(f"unclip: error: {err}", file=sys.stderr)
         return 2

@@ -97,6 +97,19 @@ def clip_config(where: str | None, release: dict):
     return ClipModelConfig.model_validate(((release.get("config") or {}).get("embed") or {})["model"])
 
 
+def clip_version(release: dict) -> str:
+    """What names the CLIP of a dataset version in a stack's lineage: its catalog model version, else
+    the embed config's architecture and weights (an open_clip model the catalog did not release)."""
+    if release.get("clip_model_version"):
+        return release["clip_model_version"]
+    return _clip_name(((release.get("config") or {}).get("embed") or {}).get("model") or {})
+
+
+def _clip_name(model: dict) -> str:
+    """``arch:weights`` of an embed config's model (``arch:seed-N`` for a seeded random one)."""
+    return f"{model.get('arch')}:{model.get('checkpoint') or model.get('pretrained') or 'seed-' + str(model.get('seed'))}"
+
+
 @dataclass
 class Stack:
     """The released models of the chain, on one device, in eval mode."""
@@ -115,14 +128,19 @@ class Stack:
         ``where``, with the CLIP of the decoder's dataset version."""
         records = {kind: _model_record(where, kind, run_id) for kind in kinds}
         anchor = records.get("decoder") or next(iter(records.values()))
-        stack = cls.from_folders({k: r["uri"] for k, r in records.items()},
-                                 clip_config(where, _dataset_release(where, anchor["dataset_version"])), device=device)
+        release = _dataset_release(where, anchor["dataset_version"])
+        stack = cls.from_folders({k: r["uri"] for k, r in records.items()}, clip_config(where, release),
+                                 versions={k: r["version"] for k, r in records.items()},
+                                 clip_version=clip_version(release), device=device)
         stack.records.update(records)
         return stack
 
     @classmethod
-    def from_folders(cls, folders: dict[str, str], clip_cfg, *, device: str | torch.device = "cpu") -> Stack:
-        """The models in release folders (kind -> folder) and the CLIP of ``clip_cfg`` (a ClipModelConfig)."""
+    def from_folders(cls, folders: dict[str, str], clip_cfg, *, versions: dict[str, str] | None = None,
+                     clip_version: str | None = None, device: str | torch.device = "cpu") -> Stack:
+        """The models in release folders (kind -> folder) and the CLIP of ``clip_cfg`` (a ClipModelConfig).
+        ``versions`` (kind -> model version) and ``clip_version`` name them in ``versions``' lineage; a
+        folder without one is named by its URI."""
         from unclip.data import clip as clip_data
         from unclip.data.pca import PcaQuantiser
         from unclip.train import image, prior, prior_ar
@@ -136,12 +154,15 @@ class Stack:
                     extras["pca"] = PcaQuantiser.load(io.BytesIO(storage.read_bytes(storage.join(uri, prior_ar.PCA_FILE))))
             else:
                 model, _ = image.load_release(uri)
-            models[kind], records[kind] = model.to(device), {"uri": uri, "version": uri}
+            models[kind] = model.to(device)
+            records[kind] = {"uri": uri, "version": (versions or {}).get(kind, uri)}
         clip, _, tokenizer = clip_data.load_clip(clip_cfg, device)
+        records["clip"] = {"version": clip_version or _clip_name(clip_cfg.model_dump())}
         return cls(models, records, clip, tokenizer, extras, device)
 
     @property
     def versions(self) -> dict[str, str]:
+        """kind -> model version of every model the stack draws with, its CLIP included."""
         return {k: r["version"] for k, r in self.records.items()}
 
     def size(self, stage: str) -> int:

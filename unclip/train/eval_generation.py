@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unclip import storage
+from unclip import catalog, storage
 from unclip import generate as gen
 from unclip.data import pairs
 from unclip.train import judge as judge_mod
@@ -97,7 +97,10 @@ def evaluate_generation(run_config, train_files, eval_files, previous: dict[str,
     if skipped:
         return {"metrics": {"modes_evaluated": 0, "skipped": skipped}, "rows": [], "outputs": {}, "grid": None}
     started = time.monotonic()
-    stack = gen.Stack.from_folders(folders, gen.clip_config(catalog_uri, release), device=device)
+    versions = {k: catalog.model_version_id(k, previous[k]["model"]["weights_sha256"]) for k in folders
+                if (previous[k].get("model") or {}).get("weights_sha256")}
+    stack = gen.Stack.from_folders(folders, gen.clip_config(catalog_uri, release), versions=versions,
+                                   clip_version=gen.clip_version(release), device=device)
     settings = gen.Settings(prior_guidance=cfg.prior_guidance, prior_steps=cfg.prior_steps,
                             decoder_guidance=cfg.decoder_guidance, decoder_steps=cfg.decoder_steps,
                             upsampler_steps=tuple(cfg.upsampler_steps), batch_size=cfg.batch_size)
