@@ -33,9 +33,10 @@ SIZE = 2000
 # demo's 14. What the demo's own settings reach (colour_acc, shape_acc by mode) is measured by
 # `make demo` and recorded in docs/training.md.
 IMAGE_CHAIN_FOR_CI = {"train": {
-    "decoder": {"steps": 60, "checkpoint_every": 30, "eval_every": 30, "eval_images": 32},
-    "upsampler1": {"steps": 30, "checkpoint_every": 15, "eval_every": 15, "eval_images": 4, "sample_steps": 4},
-    "upsampler2": {"steps": 6, "checkpoint_every": 3, "eval_images": 2, "sample_steps": 3},
+    "decoder": {"steps": 60, "warmup_steps": 10, "checkpoint_every": 30, "eval_every": 30, "eval_images": 32},
+    "upsampler1": {"steps": 30, "warmup_steps": 5, "checkpoint_every": 15, "eval_every": 15, "eval_images": 4,
+                   "sample_steps": 4},
+    "upsampler2": {"steps": 6, "warmup_steps": 2, "checkpoint_every": 3, "eval_images": 2, "sample_steps": 3},
     "eval_generation": {"eval_captions": 16, "grid_captions": 2, "judge_images": 600, "judge_steps": 300,
                         "decoder_steps": 10, "upsampler_steps": [4, 3]},
 }}
