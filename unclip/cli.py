@@ -37,6 +37,9 @@ def _quiet_environment(verbose: bool) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the temporary Prefect server of a run without PREFECT_API_URL: Prefect waits 20 s for it, which a
+    # fresh install's first start (database migrations, byte-compiling the server) on 2 cores overran
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
