@@ -130,17 +130,16 @@ class Stack:
         anchor = records.get("decoder") or next(iter(records.values()))
         release = _dataset_release(where, anchor["dataset_version"])
         stack = cls.from_folders({k: r["uri"] for k, r in records.items()}, clip_config(where, release),
-                                 versions={k: r["version"] for k, r in records.items()},
                                  clip_version=clip_version(release), device=device)
-        stack.records.update(records)
+        stack.records.update(records)  # the catalog's records, their versions included
         return stack
 
     @classmethod
     def from_folders(cls, folders: dict[str, str], clip_cfg, *, versions: dict[str, str] | None = None,
                      clip_version: str | None = None, device: str | torch.device = "cpu") -> Stack:
         """The models in release folders (kind -> folder) and the CLIP of ``clip_cfg`` (a ClipModelConfig).
-        ``versions`` (kind -> model version) and ``clip_version`` name them in ``versions``' lineage; a
-        folder without one is named by its URI."""
+        ``versions`` (kind -> model version) and ``clip_version`` name them in the stack's lineage
+        (``Stack.versions``); a folder without one is named by its URI."""
         from unclip.data import clip as clip_data
         from unclip.data.pca import PcaQuantiser
         from unclip.train import image, prior, prior_ar
