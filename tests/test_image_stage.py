@@ -89,14 +89,16 @@ def test_the_decoder_stream_carries_each_rows_stored_image_embedding(shards):
             assert np.array_equal(emb.numpy(), stored[key]), key
 
 
-@pytest.mark.parametrize("stage", image.STAGES)
-def test_one_training_step_and_an_evaluation_of_each_image_model(stage, shards, tmp_path):
-    cfg = _cfg(stage, steps=1, checkpoint_every=1)
+@pytest.mark.parametrize("stage,residual", [*((s, 0.0) for s in image.STAGES), ("upsampler1", 4.0)])
+def test_one_training_step_and_an_evaluation_of_each_image_model(stage, residual, shards, tmp_path):
+    cfg = _cfg(stage, steps=1, checkpoint_every=1, **({"residual_scale": residual} if residual else {}))
     task = _task(stage, shards, cfg)
     trainer = tr.Trainer(task, cfg, str(tmp_path / stage))
     result = trainer.run()
     model, model_config, metrics = trainer.released(result)
     assert result.step == 1 and model_config["unet"]["image_size"] == SIZES[stage]
+    if stage != "decoder":
+        assert model_config["unet"]["residual_scale"] == residual
     assert np.isfinite(metrics["heldout_mse"]) and metrics["heldout_images"] == 4
     if stage == "decoder":
         assert np.isfinite(metrics["heldout_mse_zero_image"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,21 @@ def test_an_upsampler_trains_on_crops_and_samples_at_the_full_size():
     assert not any(isinstance(m, unet.AttentionBlock) for m in model.modules())  # convolutions only, as in the paper
     with pytest.raises(ValueError, match="multiples"):
         model(torch.randn(1, 3, 33, 33), torch.tensor([1]), low_res=torch.randn(1, 3, 8, 8))
+
+
+def test_a_residual_upsampler_diffuses_the_detail_that_bicubic_upsampling_lacks():
+    cfg = unet.FLAVOURS["tiny"]["upsampler1"]
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 16, 16, generator=g) * 1.6 - 0.8
+    low = F.interpolate(image, size=(4, 4), mode="area")
+    plain = unet.Upsampler(cfg)
+    assert torch.equal(plain.to_target(image, low), image) and torch.equal(plain.from_sample(image, low), image)
+    model = unet.Upsampler(dataclasses.replace(cfg, residual_scale=4.0))
+    target = model.to_target(image, low)
+    up = F.interpolate(low, size=(16, 16), mode="bicubic", align_corners=False).clamp(-1, 1)
+    assert torch.allclose(target, 4.0 * (image - up))
+    assert torch.allclose(model.from_sample(target, low), image, atol=1e-6)  # the inverse, back in [-1, 1]
+    assert torch.equal(model.from_sample(torch.zeros_like(image), low), up)  # no detail: the bicubic image
 
 
 def test_decoder_sampling_is_deterministic_under_a_seed_and_guidance_runs_one_doubled_batch():

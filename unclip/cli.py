@@ -467,12 +467,13 @@ def training_summary(run: dict) -> list[str]:
     gen = run.get("stages", {}).get("eval_generation")
     if gen:
         m = gen.get("metrics", {})
-        modes = [k for k in ("real", "prior_diffusion", "prior_ar", "text_embedding", "caption_only")
-                 if f"{k}/clip_score" in m]
+        modes = [k for k in ("real", "real_at_decoder_size", "prior_diffusion", "prior_ar", "text_embedding",
+                             "caption_only") if f"{k}/clip_score" in m or f"{k}/colour_acc" in m]
+        labels = {"real_at_decoder_size": "real shrunk"}
         if modes:
             lines += ["", f"text -> image on {m.get('captions')} held-out captions, judged at {m.get('metrics_at_size')} "
-                      f"px (eval_generation; real: the held-out images):", f"  {'metric':<18}" +
-                      "".join(f"{k:>17}" for k in modes)]
+                      f"px (eval_generation; real: the held-out images; real shrunk: them at the decoder's side):",
+                      f"  {'metric':<18}" + "".join(f"{labels.get(k, k):>17}" for k in modes)]
             for metric in GENERATION_SUMMARY:
                 vals = [m.get(f"{k}/{metric}") for k in modes]
                 if any(isinstance(v, float) for v in vals):

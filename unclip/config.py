@@ -432,6 +432,9 @@ class UpsamplerTrainConfig(ImageTrainConfig):
     degradation: Literal["blur", "bsr", "none"] = Field(
         "blur", description="Corruption of the low-res conditioning image in training (unclip.data.degrade): "
         "Gaussian blur (the paper's first upsampler) or the BSR degradation (its second).")
+    residual_scale: float = Field(0.0, ge=0.0, description="0: the paper's, the upsampler diffuses the image. "
+                                  "> 0: it diffuses the image's difference from the bicubic upsampling of its "
+                                  "low-res input, times this scale (models/unet.py Upsampler).")
 
 
 class EvalPriorsConfig(_Strict):

@@ -235,8 +235,9 @@ class Stack:
     def upsample(self, stage: str, low: torch.Tensor, steps: int, g: torch.Generator) -> torch.Tensor:
         model = self.models[stage]
         side = self.size(stage)
-        return model.diffusion().respaced(steps).sample(model, (len(low), 3, side, side), generator=g,
-                                                        device=self.device, model_kwargs={"low_res": low})
+        x = model.diffusion().respaced(steps).sample(model, (len(low), 3, side, side), generator=g,
+                                                     device=self.device, model_kwargs={"low_res": low})
+        return model.from_sample(x, low)
 
     def chain(self, first: torch.Tensor, s: Settings, g: torch.Generator, *, top: str = "upsampler2") -> list[torch.Tensor]:
         """The decoder's images and their upsampled versions, up to stage ``top``."""

@@ -80,7 +80,9 @@ CLIP_NOISE_FRACTION = 0.10  # of clip's ok rows: 60% of these partly right, 40% 
 # valid originals: long side in this range (raised to min_side if needed); at least the top of the demo's
 # image chain (16 -> 64 -> 256 px, configs/demo.yaml), so the upsamplers learn from real detail
 SIDE_RANGE = (256, 384)
-MAX_VALID_ASPECT = 2.0
+# Near square: ingest pads to a square (resize_mode border), and the bottom of the chain is 16 px, where
+# a 2:1 picture would keep 8 rows of content and objects of a pixel.
+MAX_VALID_ASPECT = 1.25
 BOMB_SIDE = 12_000
 ROWS_PER_BAD = 500  # one planted row of each kind (variant) per this many rows, at least one
 MIN_SIZE = 100  # below this the ~25 planted rows would crowd out the valid ones
@@ -188,7 +190,7 @@ def _sample_scene(rng: np.random.Generator, width: int, height: int, fmt: str, m
     bg = [min(255, max(0, v + int(t))) for t in rng.integers(-12, 13, size=3)]
     textures = ["plain", "gradient", "noise"] if fmt == "jpeg" else ["plain", "gradient"]
     texture = str(rng.choice(textures))
-    n_kinds = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
+    n_kinds = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
     n_kinds = min(n_kinds, max_kinds)
     cells = [divmod(int(c), 3) for c in rng.permutation(9)[:n_kinds]]
     cells.sort()  # reading order: captions list objects top-left to bottom-right
@@ -203,14 +205,16 @@ def _sample_scene(rng: np.random.Generator, width: int, height: int, fmt: str, m
             if (shape, colour) not in used and _contrast_ok(tuple(rgb), tuple(bg)):
                 break
         used.add((shape, colour))
-        size = "small" if rng.random() < 0.55 else "large"
-        count = int(rng.integers(1, 4)) if size == "small" else int(rng.integers(1, 3))
-        # Radius as a fraction of the cell's short side: small <= 0.16, large >= 0.23, so the two
-        # sizes never overlap; k instances sit in k slots along the cell's longer axis.
+        size = "small" if rng.random() < 0.5 else "large"
+        count = int(rng.integers(1, 3)) if size == "small" else 1
+        # Radius as a fraction of the cell's short side: small 0.20-0.28, large 0.38-0.46, so the two
+        # sizes never overlap; k instances sit in k slots along the cell's longer axis. Sized for the
+        # bottom of the demo's image chain: at 16 px a cell is about 5 px, a small object 2-3 px across
+        # and a large one 4-5 px (smaller ones, a pixel there, left the decoder nothing to draw).
         if size == "small":
-            frac = rng.uniform(0.13, 0.16)
+            frac = rng.uniform(0.24, 0.28) if count == 1 else rng.uniform(0.20, 0.24)
         else:
-            frac = rng.uniform(0.23, 0.25) if count == 2 else rng.uniform(0.34, 0.45)
+            frac = rng.uniform(0.38, 0.46)
         base = min(cw, ch)
         rad = frac * base
         x0, y0 = c * cw, r * ch

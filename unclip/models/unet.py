@@ -87,6 +87,10 @@ class UpsamplerConfig(UNetConfig):
     of ``image_size``; convolutions only, as in the paper, so it samples at sizes it never trained at."""
 
     attention_ds: tuple[int, ...] = ()
+    # 0: the paper's, the model diffuses the image itself. > 0: it diffuses the image's difference from
+    # the bicubic upsampling of its low-res input, times this scale (``Upsampler.to_target``), and a
+    # sample is added back to that upsampling (``Upsampler.from_sample``); see ``Upsampler``.
+    residual_scale: float = 0.0
 
 
 # -- named sizes ------------------------------------------------------------------------------------
@@ -332,14 +336,43 @@ class Decoder(UNet):
 
 class Upsampler(UNet):
     """Low-res image -> image ``factor`` times larger: ``forward(x_t, t, *, low_res)``, the low-res
-    image ([N, 3, h, w] in [-1, 1]) upsampled bicubically to x_t's size and concatenated to it."""
+    image ([N, 3, h, w] in [-1, 1]) upsampled bicubically to x_t's size and concatenated to it.
+
+    With ``cfg.residual_scale`` > 0 the diffused quantity is not the image but ``residual_scale * (image -
+    bicubic(low_res))``, the detail the bicubic upsampling lacks (a departure from the paper, for short
+    trainings): a model that has learned little then adds little to the bicubic image, where one
+    diffusing the image itself draws its whole picture from noise. Measured on the demo: see
+    docs/training.md. Callers go through ``to_target`` (training) and ``from_sample`` (sampling), which
+    are the identity at scale 0.
+    """
 
     def __init__(self, cfg: UpsamplerConfig) -> None:
         super().__init__(cfg, in_channels=6)
 
+    @staticmethod
+    def base(low_res: torch.Tensor, size) -> torch.Tensor:
+        """The low-res image upsampled bicubically to ``size`` (H, W), clamped to [-1, 1]."""
+        return F.interpolate(low_res, size=tuple(size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, *, low_res: torch.Tensor) -> torch.Tensor:
-        up = F.interpolate(low_res.to(x.dtype), size=x.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
-        return self.unet(torch.cat([x, up], dim=1), t)
+        return self.unet(torch.cat([x, self.base(low_res.to(x.dtype), x.shape[-2:])], dim=1), t)
+
+    def diffusion(self) -> GaussianDiffusion:
+        if not self.cfg.residual_scale:
+            return super().diffusion()
+        # a residual is bounded per pixel by its bicubic image, not by [-1, 1]: no clamp of the
+        # predicted x0 (``from_sample`` clamps the image)
+        return GaussianDiffusion.from_schedule(self.cfg.schedule, self.cfg.timesteps, target=Target(self.cfg.target))
+
+    def to_target(self, image: torch.Tensor, low_res: torch.Tensor) -> torch.Tensor:
+        """What the diffusion is trained to produce for ``image`` given ``low_res``."""
+        scale = self.cfg.residual_scale
+        return image if not scale else (image - self.base(low_res.to(image.dtype), image.shape[-2:])) * scale
+
+    def from_sample(self, x: torch.Tensor, low_res: torch.Tensor) -> torch.Tensor:
+        """The image a diffusion sample ``x`` stands for (the inverse of ``to_target``), in [-1, 1]."""
+        scale = self.cfg.residual_scale
+        return x if not scale else (self.base(low_res.to(x.dtype), x.shape[-2:]) + x / scale).clamp(-1, 1)
 
 
 def build(kind: str, cfg_dict: dict) -> UNet:

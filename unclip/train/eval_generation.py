@@ -14,7 +14,9 @@ the images at ``metrics_at`` (a stage of the chain) for the first ``eval_caption
   the captions' objects whose colour (shape) an attribute classifier (``unclip.train.judge``, trained
   here on real training images and their ground truth) finds in the image, with ``*_chance`` (the
   same images judged against other captions); ``real/colour_acc`` and ``real/shape_acc`` are the
-  judge on held-out real images: the ceiling of the measurement.
+  judge on held-out real images: the ceiling of the measurement, and ``real_at_decoder_size/*`` the
+  same images shrunk to the decoder's side and back: what the chain's first image can show at best
+  (the upsamplers see no caption).
 
 Also a sample grid (a row per caption: the real image, then each mode at the decoder's resolution
 and at the top of the chain) as ``grid.png``, a Prefect image artifact, and ``metrics.json`` and a
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from unclip import catalog, storage
 from unclip import generate as gen
@@ -39,6 +42,13 @@ from unclip.train import prior
 from unclip.train.image import square, to_pil, to_tensor
 
 PRIOR_STAGES = ("prior_diffusion", "prior_ar")
+REAL_SMALL = "real_at_decoder_size"  # the held-out real images shrunk to the decoder's side (and judged at 64 px)
+
+
+def shrunk(images: torch.Tensor, side: int) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] downsampled (bicubic, antialiased) to ``side`` and back to H x W."""
+    small = F.interpolate(images.float(), size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+    return F.interpolate(small, size=images.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -121,6 +131,10 @@ def evaluate_generation(run_config, train_files, eval_files, previous: dict[str,
     if judge is not None:
         real_acc = judge_mod.attribute_accuracy(judge, held["image"].to(device), captions)
         metrics.update({f"real/{k}": v for k, v in real_acc.items()})
+        # what the chain's first image can show at best: the real images shrunk to the decoder's side
+        small = shrunk(held["image"], stack.size("decoder"))
+        metrics.update({f"{REAL_SMALL}/{k}": v for k, v in
+                        judge_mod.attribute_accuracy(judge, small.to(device), captions).items()})
         judge_mod.save_judge(judge, storage.join(out_dir, "judge"))
     else:
         metrics["judge_skipped"] = why
@@ -136,7 +150,7 @@ def evaluate_generation(run_config, train_files, eval_files, previous: dict[str,
     grid_uri = storage.write_bytes(storage.join(out_dir, "grid.png"), grid_png)
     metrics["modes_evaluated"] = len(modes)
     metrics["seconds"] = round(time.monotonic() - started, 1)
-    rows = table_rows(metrics, ["real", *modes])
+    rows = table_rows(metrics, ["real", REAL_SMALL, *modes])
     storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
     return {"metrics": metrics, "rows": rows, "grid": grid_png,
             "outputs": {"metrics": storage.join(out_dir, "metrics.json"), "grid": grid_uri,

@@ -121,6 +121,7 @@ class ImageTask:
         self.tokenizer, self.text_ctx = tokenizer, text_ctx
         self.decoder = stage == "decoder"
         self.diffusion: GaussianDiffusion | None = None
+        self.net: nn.Module | None = None  # the model build_model made, unwrapped
         self.positions: dict[int, int] = {}
         self.consumed = 0
         self._held: dict | None = None
@@ -130,11 +131,14 @@ class ImageTask:
         fields: dict[str, Any] = {"image_size": self.cfg.image_size}
         if self.decoder:
             fields.update(text_ctx=self.text_ctx, image_drop=self.cfg.image_drop, text_drop=self.cfg.text_drop)
+        else:
+            fields.update(residual_scale=self.cfg.residual_scale)
         return {"stage": self.name, "flavour": self.cfg.flavour, "unet": dataclasses.replace(base, **fields).to_dict()}
 
     def build_model(self, model_config: dict) -> nn.Module:
         model = unet.build(self.name, model_config["unet"])
         self.diffusion = model.diffusion()
+        self.net = model  # unwrapped, for the upsamplers' to_target / from_sample (its config only)
         return model
 
     def preprocess(self, *, train: bool):
@@ -160,8 +164,8 @@ class ImageTask:
         """(x0, the model's keyword arguments) of a batch; ``drop``: the training drops of the decoder's
         conditioning, drawn from torch's generator (none when False)."""
         if not self.decoder:
-            image = batch["image"]
-            return image["image"].to(device, non_blocking=True), {"low_res": image["low_res"].to(device, non_blocking=True)}
+            image, low = batch["image"]["image"].to(device, non_blocking=True), batch["image"]["low_res"].to(device, non_blocking=True)
+            return self.net.to_target(image, low), {"low_res": low}
         x0 = batch["image"].to(device, non_blocking=True)
         n = len(x0)
         if drop:
@@ -211,8 +215,9 @@ class ImageTask:
             g = torch.Generator(device=device).manual_seed(self.cfg.seed)
             sample = diffusion.respaced(self.cfg.sample_steps).sample(model, x0.shape, generator=g, device=device,
                                                                      model_kwargs=kwargs)
-            out["psnr"] = psnr(sample, x0)
-            out["psnr_bicubic"] = psnr(degrade.upsample(kwargs["low_res"], FACTOR), x0)
+            real = held["image"]["image"].to(device)
+            out["psnr"] = psnr(model.from_sample(sample, kwargs["low_res"]), real)
+            out["psnr_bicubic"] = psnr(degrade.upsample(kwargs["low_res"], FACTOR), real)
         return out
 
 

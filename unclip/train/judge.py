@@ -160,9 +160,33 @@ def resize(images: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------- training
 
+# Sides a training batch's images are shrunk to and brought back from, half of them each batch: the
+# generated images the judge reads come from a 16 px decoder through upsamplers that may add little
+# detail, and a judge that saw only sharp pictures misreads soft ones (measured on the demo's renders,
+# 800 training and 200 held-out images, 400 steps: shape_acc 0.14 on held-out images shrunk to 16 px
+# and back, below chance, against 0.77 for a judge trained on such images).
+SOFTEN_SIDES = (16, 24, 32, 48)
+
+
+def _soften(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Half the images (drawn by ``g``) shrunk to one of ``SOFTEN_SIDES`` and back, bicubic."""
+    n, _, h, w = x.shape
+    side = SOFTEN_SIDES[int(torch.randint(0, len(SOFTEN_SIDES), (1,), generator=g))]
+    pick = (torch.rand(n, generator=g) < 0.5).to(x.device)
+    if not bool(pick.any()):
+        return x
+    soft = F.interpolate(x[pick], size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+    soft = F.interpolate(soft, size=(h, w), mode="bicubic", align_corners=False).clamp(-1, 1)
+    out = x.clone()
+    out[pick] = soft
+    return out
+
+
 def _augment(x: torch.Tensor, g: torch.Generator, shift: int = 4) -> torch.Tensor:
-    """Random translations of up to ``shift`` px (edges replicated) and horizontal flips: neither changes
-    which colours and shapes are present (no vertical flips: the triangles point up)."""
+    """Random translations of up to ``shift`` px (edges replicated), horizontal flips and softening
+    (``_soften``): none changes which colours and shapes are present (no vertical flips: the triangles
+    point up)."""
+    x = _soften(x, g)
     n, c, h, w = x.shape
     padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
     dy = torch.randint(0, 2 * shift + 1, (n, 1, 1, 1), generator=g).to(x.device)
