@@ -56,7 +56,7 @@ def config(stage: str, args):
     size, batch = DEMO[stage]
     common = dict(flavour="tiny", image_size=size, steps=args.steps + WARMUP, batch_size=batch, warmup_steps=1,
                   checkpoint_every=args.checkpoint_every, log_every=WINDOW, grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY,
-                  num_workers=0, shuffle_buffer=256)
+                  num_workers=args.num_workers, shuffle_buffer=256)
     if stage == "decoder":
         return DecoderTrainConfig(**common)
     return UpsamplerTrainConfig(**common, degradation="blur" if stage == "upsampler1" else "bsr")
@@ -169,6 +169,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512, help="rendered 256 px training images")
     ap.add_argument("--sample-captions", type=int, default=8)
     ap.add_argument("--checkpoint-every", type=int, default=1000)
+    ap.add_argument("--num-workers", type=int, default=0, help="the trainer's DataLoader worker processes "
+                    "(0: decode in the training process, as the demo)")
+    ap.add_argument("--no-sampling", action="store_true", help="skip the stack's sampling throughput")
     args = ap.parse_args()
 
     import torch
@@ -179,7 +182,8 @@ def main() -> None:
     try:
         files = make_pair_shards(work / "data", {"dalle": args.images}, samples_per_shard=64, side=256, image_emb=True)
         tok = tokenizer()
-        print(f"data: {files.num_rows} shards, {args.images} images of 256 px; torch threads {torch.get_num_threads()}")
+        print(f"data: {files.num_rows} shards, {args.images} images of 256 px; torch threads {torch.get_num_threads()}; "
+              f"trainer loader workers {args.num_workers}")
         for stage in args.stages.split(","):
             data = preload(stage, files, tok, args)
             windows: dict[str, list[float]] = {"bare": [], "trainer": []}
@@ -197,7 +201,8 @@ def main() -> None:
             print(f"{stage} (tiny, {size} px, batch {batch}): bare {b:.3f} steps/s, trainer {t:.3f} steps/s (median of "
                   f"{len(windows['bare'])} windows of {WINDOW} steps each), ratio {t / b:.3f} (goal >= 0.95); "
                   f"ratio of the means {mean_ratio:.3f}", flush=True)
-        sampling(args, work)
+        if not args.no_sampling:
+            sampling(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

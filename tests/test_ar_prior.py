@@ -71,6 +71,9 @@ def test_training_learns_codes_from_the_caption(head):
     model = ARPrior(cfg)
     codes, tokens, text, dot = _batch(8, seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # decayed to zero: at a constant 3e-3 the mixture's loss still swings between 0.1 and 0.9 at step
+    # 300, and where it stands then depends on the CPU's rounding
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 300)
     first = None
     for _ in range(300):
         loss, _ = ar.training_loss(model, cfg, codes=codes, tokens=tokens, text_emb=text, dot=dot)
@@ -78,8 +81,12 @@ def test_training_learns_codes_from_the_caption(head):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert first > 2.5 and loss.item() < 0.3, (first, loss.item())
+        schedule.step()
     model.eval()
+    keep = torch.zeros(8, dtype=torch.bool)
+    with torch.no_grad():  # the conditional NLL per code, no row's caption dropped
+        nll = -model(codes[:, :-1], tokens=tokens, text_emb=text, dot=dot, drop=keep, targets=codes).mean().item()
+    assert first > 2.5 and nll < 0.3, (first, nll)
     with torch.no_grad():  # teacher-forced, every code's most likely bucket is the true one
         forced = model(codes[:, :-1], tokens=tokens, text_emb=text, dot=dot, drop=torch.zeros(8, dtype=torch.bool))
     assert (forced.argmax(-1) == codes).float().mean() > 0.9
