@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from unclip import catalog, storage
 from unclip import generate as gen
@@ -43,12 +42,6 @@ from unclip.train.image import square, to_pil, to_tensor
 
 PRIOR_STAGES = ("prior_diffusion", "prior_ar")
 REAL_SMALL = "real_at_decoder_size"  # the held-out real images shrunk to the decoder's side (and judged at 64 px)
-
-
-def shrunk(images: torch.Tensor, side: int) -> torch.Tensor:
-    """Images [N, 3, H, W] in [-1, 1] downsampled (bicubic, antialiased) to ``side`` and back to H x W."""
-    small = F.interpolate(images.float(), size=(side, side), mode="bicubic", antialias=True, align_corners=False)
-    return F.interpolate(small, size=images.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -132,7 +125,7 @@ def evaluate_generation(run_config, train_files, eval_files, previous: dict[str,
         real_acc = judge_mod.attribute_accuracy(judge, held["image"].to(device), captions)
         metrics.update({f"real/{k}": v for k, v in real_acc.items()})
         # what the chain's first image can show at best: the real images shrunk to the decoder's side
-        small = shrunk(held["image"], stack.size("decoder"))
+        small = judge_mod.shrink(held["image"], stack.size("decoder"))
         metrics.update({f"{REAL_SMALL}/{k}": v for k, v in
                         judge_mod.attribute_accuracy(judge, small.to(device), captions).items()})
         judge_mod.save_judge(judge, storage.join(out_dir, "judge"))

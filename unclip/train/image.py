@@ -164,7 +164,8 @@ class ImageTask:
         """(x0, the model's keyword arguments) of a batch; ``drop``: the training drops of the decoder's
         conditioning, drawn from torch's generator (none when False)."""
         if not self.decoder:
-            image, low = batch["image"]["image"].to(device, non_blocking=True), batch["image"]["low_res"].to(device, non_blocking=True)
+            image = batch["image"]["image"].to(device, non_blocking=True)
+            low = batch["image"]["low_res"].to(device, non_blocking=True)
             return self.net.to_target(image, low), {"low_res": low}
         x0 = batch["image"].to(device, non_blocking=True)
         n = len(x0)

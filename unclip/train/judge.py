@@ -169,17 +169,20 @@ def resize(images: torch.Tensor) -> torch.Tensor:
 SOFTEN_SIDES = (16, 24, 32, 48)
 
 
+def shrink(images: torch.Tensor, side: int) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] downsampled (bicubic, antialiased) to ``side`` and back to H x W."""
+    small = F.interpolate(images.float(), size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+    return F.interpolate(small, size=images.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
 def _soften(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Half the images (drawn by ``g``) shrunk to one of ``SOFTEN_SIDES`` and back, bicubic."""
-    n, _, h, w = x.shape
+    """Half the images (drawn by ``g``) shrunk to one of ``SOFTEN_SIDES`` and back (``shrink``)."""
     side = SOFTEN_SIDES[int(torch.randint(0, len(SOFTEN_SIDES), (1,), generator=g))]
-    pick = (torch.rand(n, generator=g) < 0.5).to(x.device)
+    pick = (torch.rand(len(x), generator=g) < 0.5).to(x.device)
     if not bool(pick.any()):
         return x
-    soft = F.interpolate(x[pick], size=(side, side), mode="bicubic", antialias=True, align_corners=False)
-    soft = F.interpolate(soft, size=(h, w), mode="bicubic", align_corners=False).clamp(-1, 1)
     out = x.clone()
-    out[pick] = soft
+    out[pick] = shrink(x[pick], side)
     return out
 
 
