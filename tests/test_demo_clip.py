@@ -200,8 +200,13 @@ def test_unclip_generate_draws_with_the_released_models(demo, tmp_path):
     index = json.loads((out / "index.json").read_text())
     assert len(index) == 4 and {e["caption"] for e in index} == {"a large red circle in the centre",
                                                                "two small blue squares on the left"}
+    run_cfg = load_config(ROOT / "configs" / "demo.yaml", variables={"workdir": str(w)}).train.eval_generation
     for e in index:
         assert e["size"] == 256 and e["seed"] == 3 and e["prior"] == "diffusion"
+        # unset guidance comes from the run's eval_generation config, the options win over it
+        assert e["sampling"] == {"prior_guidance": run_cfg.prior_guidance, "prior_steps": 5,
+                                 "decoder_guidance": run_cfg.decoder_guidance, "decoder_steps": 8,
+                                 "upsampler_steps": [3, 2]}
         assert set(e["models"]) >= {"prior_diffusion", "decoder", "upsampler1", "upsampler2", "clip"}
         assert Image.open(out / e["file"]).size == (256, 256)
     var = tmp_path / "var"

@@ -74,6 +74,16 @@ def test_an_upsampler_sample_is_a_quarter_size_crop_with_its_corrupted_low_res_v
     assert full["image"].shape == (3, 64, 64) and torch.allclose(full["low_res"], degrade.downsample(full["image"], 4))
 
 
+def test_detail_measures_what_lies_above_the_low_res_band():
+    g = torch.Generator().manual_seed(0)
+    real = degrade.upsample(torch.rand(4, 3, 16, 16, generator=g) * 2 - 1, 2)  # [4, 3, 32, 32] with some detail
+    bicubic = degrade.upsample(degrade.downsample(real, image.FACTOR), image.FACTOR)
+    assert image.detail(real, real) == pytest.approx(1.0)
+    assert image.detail(bicubic, real) < 0.05  # bicubic restores nothing above the low-res band
+    noisy = real + 0.5 * torch.randn(real.shape, generator=g)
+    assert image.detail(noisy, real) > 1.5  # invented detail counts too: psnr says whether it is right
+
+
 def test_the_decoder_stream_carries_each_rows_stored_image_embedding(shards):
     task = _task("decoder", shards)
     task.build_model(task.model_config())
@@ -103,7 +113,9 @@ def test_one_training_step_and_an_evaluation_of_each_image_model(stage, residual
     if stage == "decoder":
         assert np.isfinite(metrics["heldout_mse_zero_image"])
     else:
-        assert np.isfinite(metrics["psnr"]) and metrics["psnr_bicubic"] > 10
+        assert np.isfinite(metrics["psnr"]) and metrics["psnr_bicubic"] > 10 and np.isfinite(metrics["psnr_mean"])
+        assert np.isfinite(metrics["psnr_posterior_mean"])
+        assert metrics["detail"] > 0 and 0 <= metrics["detail_bicubic"] < 0.5
     # the release folder rebuilds the same network
     from unclip.train import prior
 

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -112,11 +113,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prior", choices=("diffusion", "ar"), default="diffusion")
     g.add_argument("--run", default=None, metavar="RUN_ID", help="the models of this training run (default: the "
                    "latest released model of each kind)")
-    g.add_argument("--prior-guidance", type=float, default=1.0)
-    g.add_argument("--prior-steps", type=int, default=25)
-    g.add_argument("--decoder-guidance", type=float, default=3.0)
-    g.add_argument("--decoder-steps", type=int, default=50)
-    g.add_argument("--upsampler-steps", default="20,10", help="DDIM steps of upsampler 1 and 2 (default 20,10)")
+    # unset sampling options take the values the models' training run evaluated them with (its
+    # train.eval_generation config: the settings its colour_acc and clip_score were measured at)
+    g.add_argument("--prior-guidance", type=float, default=None, help="default: as the run's eval_generation")
+    g.add_argument("--prior-steps", type=int, default=None, help="default: as the run's eval_generation")
+    g.add_argument("--decoder-guidance", type=float, default=None, help="default: as the run's eval_generation")
+    g.add_argument("--decoder-steps", type=int, default=None, help="default: as the run's eval_generation")
+    g.add_argument("--upsampler-steps", default=None, help="DDIM steps of upsampler 1 and 2, e.g. 20,10 (default: "
+                   "as the run's eval_generation)")
     g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     which = g.add_mutually_exclusive_group()
     which.add_argument("--variations", metavar="IMAGE", help="variations of IMAGE (DDIM with eta > 0 from its "
@@ -282,28 +286,34 @@ def generate(args) -> int:
     where = args.catalog or catalog.locate(storage.absolute(args.workdir))[0]
     out = storage.absolute(args.out)
     try:
-        up = tuple(int(v) for v in args.upsampler_steps.split(","))
-        if len(up) != 2 or min(up) < 1 or args.n < 1:
+        up = None if args.upsampler_steps is None else tuple(int(v) for v in args.upsampler_steps.split(","))
+        if (up is not None and (len(up) != 2 or min(up) < 1)) or args.n < 1:
             raise ValueError("--upsampler-steps takes two positive counts, e.g. 20,10; --n at least 1")
         modes = [args.captions] if not (args.variations or args.interpolate or args.text_diff) else []
         if modes and not args.captions:
             raise ValueError("give at least one caption (or --variations / --interpolate / --text-diff)")
         if args.text_diff and len(args.captions) != 1:
             raise ValueError("--text-diff IMAGE takes exactly one caption: the new one")
-        settings = gen.Settings(prior_guidance=args.prior_guidance, prior_steps=args.prior_steps,
-                                decoder_guidance=args.decoder_guidance, decoder_steps=args.decoder_steps,
-                                upsampler_steps=up)
         prior = f"prior_{args.prior}"
         stack = gen.Stack.load(where, run_id=args.run, kinds=(prior, *gen.IMAGE_STAGES),
                                device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (ValueError, catalog.CatalogError) as err:
         print(f"unclip: error: {err}", file=sys.stderr)
         return 2
+    settings, origin = gen.Settings.of_run(where, stack.records["decoder"].get("run_id"))
+    given = {k: v for k, v in (("prior_guidance", args.prior_guidance), ("prior_steps", args.prior_steps),
+                               ("decoder_guidance", args.decoder_guidance), ("decoder_steps", args.decoder_steps),
+                               ("upsampler_steps", up)) if v is not None}
+    settings = dataclasses.replace(settings, **given)
+    sampling = {k: getattr(settings, k) for k in ("prior_guidance", "prior_steps", "decoder_guidance",
+                                                  "decoder_steps", "upsampler_steps")}
+    print(f"sampling ({origin}{', options' if given else ''}): "
+          + ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in sampling.items()))
 
     def load(path: str):
         return gen.from_pil(Image.open(io.BytesIO(storage.read_bytes(path))), stack.size("upsampler2"))
 
-    base = {"seed": args.seed, "prior": args.prior, "models": stack.versions}
+    base = {"seed": args.seed, "prior": args.prior, "models": stack.versions, "sampling": sampling}
     entries: list[dict] = []
     start = time.monotonic()
     if args.variations:
@@ -461,7 +471,8 @@ def training_summary(run: dict) -> list[str]:
     images = [s for s in ("decoder", "upsampler1", "upsampler2") if s in run.get("stages", {})]
     for stage in images:
         m = run["stages"][stage].get("metrics", {})
-        got = ", ".join(f"{k} {m[k]:.4g}" for k in ("heldout_mse", "heldout_mse_zero_image", "psnr", "psnr_bicubic")
+        got = ", ".join(f"{k} {m[k]:.4g}" for k in ("heldout_mse", "heldout_mse_zero_image", "psnr", "psnr_bicubic",
+                                                   "psnr_mean", "psnr_posterior_mean", "detail", "detail_bicubic")
                         if isinstance(m.get(k), float))
         lines.append(f"{stage}: {m.get('steps')} steps; held-out {got}")
     gen = run.get("stages", {}).get("eval_generation")

@@ -435,6 +435,8 @@ class UpsamplerTrainConfig(ImageTrainConfig):
     residual_scale: float = Field(0.0, ge=0.0, description="0: the paper's, the upsampler diffuses the image. "
                                   "> 0: it diffuses the image's difference from the bicubic upsampling of its "
                                   "low-res input, times this scale (models/unet.py Upsampler).")
+    eval_samples: int = Field(4, ge=1, description="Samples drawn per held-out image at each evaluation: "
+                              "psnr_mean is the PSNR of their mean (an estimate of the model's posterior mean).")
 
 
 class EvalPriorsConfig(_Strict):

@@ -54,6 +54,32 @@ class Settings:
     eta: float = 0.0  # the decoder's DDIM eta (variations use their own, > 0)
     batch_size: int = 16
 
+    @classmethod
+    def of(cls, cfg) -> Settings:
+        """The settings of an ``eval_generation`` config (unclip.config.EvalGenerationConfig or its dict)."""
+        get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+        d = cls()
+        return cls(prior_guidance=float(get("prior_guidance", d.prior_guidance)),
+                   prior_steps=int(get("prior_steps", d.prior_steps)),
+                   decoder_guidance=float(get("decoder_guidance", d.decoder_guidance)),
+                   decoder_steps=int(get("decoder_steps", d.decoder_steps)),
+                   upsampler_steps=tuple(int(v) for v in get("upsampler_steps", d.upsampler_steps)),
+                   batch_size=int(get("batch_size", d.batch_size)))
+
+    @classmethod
+    def of_run(cls, where: str, run_id: str | None) -> tuple[Settings, str]:
+        """The settings training run ``run_id`` evaluated its stack with (its ``train.eval_generation``
+        config), and where they came from; the defaults when the catalog has no such run."""
+        if run_id:
+            try:
+                run = catalog.get_run(where, run_id)
+            except catalog.CatalogError:
+                run = {}
+            cfg = (((run.get("config") or {}).get("train") or {}).get("eval_generation"))
+            if cfg:
+                return cls.of(cfg), f"run {run_id}'s eval_generation"
+        return cls(), "defaults"
+
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """Spherical interpolation between unit vectors (rows), t in [0, 1]."""

@@ -104,9 +104,7 @@ def evaluate_generation(run_config, train_files, eval_files, previous: dict[str,
                 if (previous[k].get("model") or {}).get("weights_sha256")}
     stack = gen.Stack.from_folders(folders, gen.clip_config(catalog_uri, release), versions=versions,
                                    clip_version=gen.clip_version(release), device=device)
-    settings = gen.Settings(prior_guidance=cfg.prior_guidance, prior_steps=cfg.prior_steps,
-                            decoder_guidance=cfg.decoder_guidance, decoder_steps=cfg.decoder_steps,
-                            upsampler_steps=tuple(cfg.upsampler_steps), batch_size=cfg.batch_size)
+    settings = gen.Settings.of(cfg)
     modes = [m for m in gen.MODES if m not in PRIOR_STAGES or m in folders]
     side = judge_mod.JUDGE_SIZE
     held = _real_images(held_files, cfg.eval_captions, side)
