@@ -115,10 +115,10 @@ def test_attribute_accuracy_and_its_chance_pairing():
     captions = ["A red circle.", "A red circle at the top.", "Two blue squares and a red star."]
     got = judge.attribute_accuracy(Oracle(captions), torch.zeros(3, 3, 8, 8), captions)
     assert got["colour_acc"] == got["shape_acc"] == 1.0 and got["objects"] == 4
-    # image 0's next caption names the same objects, so it is paired with caption 2 (blue: no, red: yes;
-    # square: no, star: no); image 1 with caption 2 (the same); image 2 with caption 0 (red, circle: no)
-    assert got["colour_acc_chance"] == pytest.approx(3 / 5)
-    assert got["shape_acc_chance"] == pytest.approx(0 / 5)
+    # captions 0 and 1 name the same objects, so images 0 and 1 are paired with caption 2 only (blue: no,
+    # red: yes; square: no, star: no), image 2 with captions 0 and 1 (red: yes, circle: no, each)
+    assert got["colour_acc_chance"] == pytest.approx(4 / 6)
+    assert got["shape_acc_chance"] == pytest.approx(0 / 6)
 
 
 def test_trained_judge_reads_held_out_scenes(demo, trained):

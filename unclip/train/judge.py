@@ -262,15 +262,12 @@ def _hits(colour_p: torch.Tensor, shape_p: torch.Tensor, captions: list[str],
     return colour_hits, shape_hits, objects
 
 
-def _partners(captions: list[str]) -> list[int]:
-    """For each image, the index of another image's caption: the next one whose named (colour, shape)
-    set differs from its own (cyclically), or simply the next one when every caption names the same."""
+def _partners(captions: list[str]) -> list[list[int]]:
+    """For each image, the indices of the other images' captions whose named (colour, shape) set
+    differs from its own, or of every other caption when all name the same."""
     sets = [frozenset(caption_attributes(c)) for c in captions]
     n = len(captions)
-    out = []
-    for i in range(n):
-        out.append(next((j % n for j in range(i + 1, i + n) if sets[j % n] != sets[i]), (i + 1) % n))
-    return out
+    return [[j for j in range(n) if sets[j] != sets[i]] or [j for j in range(n) if j != i] for i in range(n)]
 
 
 def _mean(hits: list[bool]) -> float:
@@ -284,9 +281,10 @@ def attribute_accuracy(judge: AttributeJudge, images: torch.Tensor, captions: li
 
     ``colour_acc``: over every (image, captioned object), whether the judge's probability for that
     object's colour is above ``threshold``; ``shape_acc`` the same for shapes. ``colour_acc_chance``
-    and ``shape_acc_chance``: the same with each image paired with another image's caption (``_partners``),
-    i.e. what an image unrelated to its caption scores. ``objects``: the (image, object) pairs judged.
-    The judge is put in eval mode.
+    and ``shape_acc_chance``: the same with each image paired with every other image's caption that
+    names other objects (``_partners``), i.e. what an image unrelated to its caption scores (all the
+    pairs rather than one: one partner an image left the chance about as noisy as the accuracy).
+    ``objects``: the (image, object) pairs judged. The judge is put in eval mode.
     """
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
@@ -295,8 +293,10 @@ def attribute_accuracy(judge: AttributeJudge, images: torch.Tensor, captions: li
     colour_p = torch.cat([p[0] for p in probs]).cpu()
     shape_p = torch.cat([p[1] for p in probs]).cpu()
     colour_hits, shape_hits, objects = _hits(colour_p, shape_p, captions, threshold)
-    other = [captions[j] for j in _partners(captions)]
-    colour_chance, shape_chance, _ = _hits(colour_p, shape_p, other, threshold)
+    pairs = [(i, j) for i, js in enumerate(_partners(captions)) for j in js]
+    index = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+    colour_chance, shape_chance, _ = _hits(colour_p[index], shape_p[index], [captions[j] for _, j in pairs],
+                                           threshold)
     return {"colour_acc": _mean(colour_hits), "shape_acc": _mean(shape_hits),
             "colour_acc_chance": _mean(colour_chance), "shape_acc_chance": _mean(shape_chance),
             "objects": float(objects)}
