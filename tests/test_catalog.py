@@ -12,7 +12,7 @@ import pytest
 from unclip import catalog, locks, manifest, storage
 from unclip.config import parse_config
 from unclip.bookkeeping import kept_change_since as _kept_change_since
-from unclip.tasks.common import describe_shards
+from unclip.tasks.common import describe_shards, fit_png
 from unclip.train.stages import split_files
 
 CONFIG = parse_config({"name": "unit", "sources": [{"name": "s", "url_list": "/nowhere/*.parquet"}],
@@ -120,6 +120,27 @@ def test_task_run_names_give_the_shard_ranges():
     shards = [{"shard": f"shards/clip/call-35ae12c86c73/{i:05d}"} for i in range(3)]
     shards.append({"shard": "shards/dalle/call-9f0b11aa2233/00007"})
     assert describe_shards(shards) == "clip/call-35ae12c8 00000-00002, dalle/call-9f0b11aa 00007"
+
+
+def test_artifact_images_are_shrunk_under_prefects_event_limit():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def png(w, h):
+        buf = io.BytesIO()  # noise: PNG cannot compress it, about 3 bytes a pixel
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    big = png(1000, 500)
+    assert len(big) > 1_000_000
+    out, shown, size = fit_png(big, max_bytes=400_000)
+    assert size == (1000, 500) and len(out) <= 400_000
+    assert shown[0] < 1000 and abs(shown[0] / shown[1] - 2.0) < 0.01
+    assert Image.open(io.BytesIO(out)).size == shown
+    small = png(40, 20)
+    assert fit_png(small, max_bytes=400_000) == (small, (40, 20), (40, 20))
 
 
 def test_a_second_refresh_of_a_dataset_waits_for_the_lock(prefect_api):

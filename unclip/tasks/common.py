@@ -134,13 +134,42 @@ def publish_table(stage: str, name: str, rows: list[dict], description: str) -> 
         create_table_artifact(rows, key=artifact_key(stage, name), description=description)
 
 
+# Prefect's server drops the event of an artifact whose JSON is over 1.5 MB
+# (PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES) and logs "Refusing to publish event"; a base64 data: URI
+# is 4/3 the PNG's size, so an artifact image is kept under 1 MB of PNG.
+MAX_ARTIFACT_PNG_BYTES = 1_000_000
+
+
+def fit_png(png: bytes, max_bytes: int = MAX_ARTIFACT_PNG_BYTES) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
+    """``png`` downscaled (Lanczos, by whole steps of 1/sqrt(2) per side) until it is at most ``max_bytes``;
+    returns (png, (width, height) shown, (width, height) of the original). A PNG that fits is returned as is."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png))
+    size = image.size
+    out, shown, scale = png, size, 1.0
+    while len(out) > max_bytes and min(shown) > 16:
+        scale /= 2 ** 0.5
+        shown = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+        buf = io.BytesIO()
+        image.convert("RGB").resize(shown, Image.LANCZOS).save(buf, format="PNG", optimize=True)
+        out = buf.getvalue()
+    return out, shown, size
+
+
 def publish_image(stage: str, name: str, png: bytes, description: str) -> None:
-    """A PNG as an image artifact the Prefect UI displays (a data: URI, so no web server is needed)."""
+    """A PNG as an image artifact the Prefect UI displays (a data: URI, so no web server is needed),
+    downscaled by ``fit_png`` when it is too large for Prefect's events (the description then says so)."""
     if in_prefect_run():
         import base64
 
         from prefect.artifacts import create_image_artifact
 
+        png, shown, size = fit_png(png)
+        if shown != size:
+            description += f" (shown at {shown[0]}x{shown[1]} of {size[0]}x{size[1]} pixels)"
         create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(png).decode(),
                               key=artifact_key(stage, name), description=description)
 
