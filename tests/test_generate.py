@@ -117,7 +117,7 @@ def test_eval_generation_measures_every_mode_and_writes_a_grid_and_samples(folde
     assert len(index) == 3 * 2 and all((Path(done["outputs"]["samples"]) / e["file"]).exists() for e in index)
     assert {e["size"] for e in index} == {256} and {e["mode"] for e in index} == {"prior_diffusion", "text_embedding",
                                                                                   "caption_only"}
-    assert {r["metric"] for r in done["rows"]} >= {"clip_score", "fd_clip", "colour_acc", "shape_acc"}
+    assert {r["metric"] for r in done["rows"]} >= {"clip_score", "fd_clip", "colour_acc", "shape_acc", "shape_auc"}
     # the ceiling at the bottom of the chain: the real images shrunk to the decoder's side, judged
     assert 0 <= m["real_at_decoder_size/colour_acc"] <= 1 and "real_at_decoder_size" in done["rows"][0]
     # without a decoder the stage is recorded as skipped, not failed

@@ -22,6 +22,7 @@ STEPS, BATCH, WIDTH = 300, 24, 12
 # (chance 0.19-0.27) and shape_acc 0.774, 0.821, 0.828, 0.787, 0.802 (chance 0.22-0.29).
 COLOUR_BAR = 0.9
 SHAPE_BAR = 0.6
+AUC_BAR = 0.9  # shape_auc of a judge that reads shapes (chance 0.5)
 
 
 def demo_scenes(n: int, seed: int) -> tuple[torch.Tensor, list[dict], list[str]]:
@@ -119,6 +120,36 @@ def test_attribute_accuracy_and_its_chance_pairing():
     # red: yes; square: no, star: no), image 2 with captions 0 and 1 (red: yes, circle: no, each)
     assert got["colour_acc_chance"] == pytest.approx(4 / 6)
     assert got["shape_acc_chance"] == pytest.approx(0 / 6)
+    # every captioned attribute rated above it on images whose captions do not name it (red, named by
+    # all three, has no such image and does not count)
+    assert got["colour_auc"] == got["shape_auc"] == 1.0
+
+
+class YesToAll(Oracle):
+    """Blurry-image behaviour at its extreme: every colour and shape at 0.9."""
+
+    def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        colours, shapes = super().probabilities(images)
+        return torch.full_like(colours, 0.9), torch.full_like(shapes, 0.9)
+
+
+def test_auc_is_at_chance_for_a_judge_that_says_yes_to_everything():
+    captions = ["A red circle.", "Two blue squares.", "A green star and a red cross."]
+    got = judge.attribute_accuracy(YesToAll(captions), torch.zeros(3, 3, 8, 8), captions)
+    # thresholded, it finds every attribute, and as often in images of other captions
+    assert got["shape_acc"] == got["shape_acc_chance"] == 1.0
+    assert got["colour_auc"] == got["shape_auc"] == 0.5
+    # one image that shows its shapes more than the others lifts only the AUC
+    class Sharper(YesToAll):
+        def probabilities(self, images):
+            c, s = super().probabilities(images)
+            s[1, judge.SHAPES.index("square")] = 0.95
+            return c, s
+
+    got = judge.attribute_accuracy(Sharper(captions), torch.zeros(3, 3, 8, 8), captions)
+    assert got["shape_acc"] == got["shape_acc_chance"] == 1.0
+    # square: 1 named image above 2 others (2 wins of 2); circle, star, cross: ties (0.5 x 2 each)
+    assert got["shape_auc"] == pytest.approx((2 + 3 * 1) / 8)
 
 
 def test_trained_judge_reads_held_out_scenes(demo, trained):
@@ -129,6 +160,8 @@ def test_trained_judge_reads_held_out_scenes(demo, trained):
     assert got["shape_acc"] >= SHAPE_BAR, got
     assert got["colour_acc"] - got["colour_acc_chance"] >= 0.5, got
     assert got["shape_acc"] - got["shape_acc_chance"] >= 0.4, got
+    # without a threshold (chance 0.5); measured 1.000 and 0.999
+    assert got["colour_auc"] >= 0.95 and got["shape_auc"] >= AUC_BAR, got
 
 
 def test_untrained_judge_is_below_the_bars(demo, one_thread):
@@ -138,6 +171,7 @@ def test_untrained_judge_is_below_the_bars(demo, one_thread):
         untrained = judge.AttributeJudge(width=WIDTH).eval()
     got = judge.attribute_accuracy(untrained, images[N_TRAIN:], captions[N_TRAIN:])
     assert got["colour_acc"] < COLOUR_BAR and got["shape_acc"] < SHAPE_BAR, got
+    assert got["shape_auc"] < AUC_BAR, got
 
 
 def test_save_load_round_trip(demo, trained, tmp_path):

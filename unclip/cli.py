@@ -501,7 +501,8 @@ def training_summary(run: dict) -> list[str]:
     return lines
 
 
-GENERATION_SUMMARY = ("clip_score", "fd_clip", "colour_acc", "colour_acc_chance", "shape_acc", "shape_acc_chance")
+GENERATION_SUMMARY = ("clip_score", "fd_clip", "colour_acc", "colour_acc_chance", "shape_acc", "shape_acc_chance",
+                      "colour_auc", "shape_auc")
 
 
 def summary(records: dict, workdir: str, config, seconds: float, release: dict | None = None) -> str:

@@ -13,7 +13,9 @@ the images at ``metrics_at`` (a stage of the chain) for the first ``eval_caption
 - where the tars carry the demo's ``scene_json``: ``colour_acc`` and ``shape_acc``, the fraction of
   the captions' objects whose colour (shape) an attribute classifier (``unclip.train.judge``, trained
   here on real training images and their ground truth) finds in the image, with ``*_chance`` (the
-  same images judged against other captions); ``real/colour_acc`` and ``real/shape_acc`` are the
+  same images judged against other captions), and ``colour_auc`` and ``shape_auc``, the same without a
+  threshold (chance 0.5: is the judge surer of a captioned attribute on its image than on images whose
+  captions do not name it; ``judge.attribute_accuracy``); ``real/colour_acc`` and ``real/shape_acc`` are the
   judge on held-out real images: the ceiling of the measurement, and ``real_at_decoder_size/*`` the
   same images shrunk to the decoder's side and back: what the chain's first image can show at best
   (the upsamplers see no caption).

@@ -274,6 +274,24 @@ def _mean(hits: list[bool]) -> float:
     return sum(hits) / len(hits) if hits else float("nan")
 
 
+def _auc(p: torch.Tensor, named: list[set[int]]) -> float:
+    """Threshold-free: over every attribute k and every pair (an image whose caption names k, one whose
+    caption does not), how often the judge's probability of k is higher on the first (ties count half).
+    0.5 is chance, 1 a judge and images that never confuse them; nan when no attribute has both sides.
+    A judge that says "yes" to every shape on blurred images raises shape_acc and its chance alike; it
+    leaves this unchanged."""
+    from scipy.stats import mannwhitneyu
+
+    wins = pairs = 0.0
+    for k in range(p.shape[1]):
+        pos = [float(p[i, k]) for i in range(len(named)) if k in named[i]]
+        neg = [float(p[i, k]) for i in range(len(named)) if k not in named[i]]
+        if pos and neg:
+            wins += float(mannwhitneyu(pos, neg).statistic)  # U of pos: pairs pos > neg, ties half
+            pairs += len(pos) * len(neg)
+    return wins / pairs if pairs else float("nan")
+
+
 @torch.no_grad()
 def attribute_accuracy(judge: AttributeJudge, images: torch.Tensor, captions: list[str], *,
                        threshold: float = 0.5, batch_size: int = 256) -> dict[str, float]:
@@ -284,7 +302,9 @@ def attribute_accuracy(judge: AttributeJudge, images: torch.Tensor, captions: li
     and ``shape_acc_chance``: the same with each image paired with every other image's caption that
     names other objects (``_partners``), i.e. what an image unrelated to its caption scores (all the
     pairs rather than one: one partner an image left the chance about as noisy as the accuracy).
-    ``objects``: the (image, object) pairs judged. The judge is put in eval mode.
+    ``colour_auc`` and ``shape_auc``: the same question without a threshold (``_auc``; chance 0.5): is
+    the judge's probability of a captioned colour (shape) higher on its image than on images whose
+    captions do not name it. ``objects``: the (image, object) pairs judged. The judge is put in eval mode.
     """
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
@@ -297,8 +317,11 @@ def attribute_accuracy(judge: AttributeJudge, images: torch.Tensor, captions: li
     index = torch.tensor([i for i, _ in pairs], dtype=torch.long)
     colour_chance, shape_chance, _ = _hits(colour_p[index], shape_p[index], [captions[j] for _, j in pairs],
                                            threshold)
+    named = [caption_attributes(c) for c in captions]
     return {"colour_acc": _mean(colour_hits), "shape_acc": _mean(shape_hits),
             "colour_acc_chance": _mean(colour_chance), "shape_acc_chance": _mean(shape_chance),
+            "colour_auc": _auc(colour_p, [{_COLOUR_INDEX[c] for c, _ in n if c is not None} for n in named]),
+            "shape_auc": _auc(shape_p, [{_SHAPE_INDEX[h] for _, h in n if h is not None} for n in named]),
             "objects": float(objects)}
 
 
