@@ -174,7 +174,7 @@ def test_the_image_chain_is_trained_released_and_judged(demo):
     assert m["modes_evaluated"] == 4 and m["captions"] >= 16
     for mode in ("prior_diffusion", "prior_ar", "text_embedding", "caption_only"):
         for metric in ("clip_score", "fd_clip", "colour_acc", "colour_acc_chance", "shape_acc", "shape_acc_chance",
-                       "colour_auc", "shape_auc"):
+                       "colour_auc", "shape_auc", "decoder_colour_auc"):
             assert np.isfinite(m[f"{mode}/{metric}"]), (mode, metric)
     # the judge's ceiling on real held-out images, and the real images' own CLIP score above the
     # unconditioned samples'. The issue's bar (colour_acc >= 0.7 with the diffusion prior) is the demo's

@@ -120,6 +120,10 @@ def test_eval_generation_measures_every_mode_and_writes_a_grid_and_samples(folde
     assert {r["metric"] for r in done["rows"]} >= {"clip_score", "fd_clip", "colour_acc", "shape_acc", "shape_auc"}
     # the ceiling at the bottom of the chain: the real images shrunk to the decoder's side, judged
     assert 0 <= m["real_at_decoder_size/colour_acc"] <= 1 and "real_at_decoder_size" in done["rows"][0]
+    # and along the chain: the shrunk real images through upsampler 1, each mode's decoder images
+    assert 0 <= m["real_upsampled/colour_acc"] <= 1 and "real_upsampled" in done["rows"][0]
+    for mode in ("prior_diffusion", "text_embedding", "caption_only"):
+        assert f"{mode}/decoder_shape_auc" in m, mode
     # without a decoder the stage is recorded as skipped, not failed
     none = eval_generation.evaluate_generation(config, files, files, {}, str(tmp_path / "none"), release=release,
                                                catalog_uri=None)

@@ -478,12 +478,13 @@ def training_summary(run: dict) -> list[str]:
     gen = run.get("stages", {}).get("eval_generation")
     if gen:
         m = gen.get("metrics", {})
-        modes = [k for k in ("real", "real_at_decoder_size", "prior_diffusion", "prior_ar", "text_embedding",
-                             "caption_only") if f"{k}/clip_score" in m or f"{k}/colour_acc" in m]
-        labels = {"real_at_decoder_size": "real shrunk"}
+        modes = [k for k in ("real", "real_at_decoder_size", "real_upsampled", "prior_diffusion", "prior_ar",
+                             "text_embedding", "caption_only") if f"{k}/clip_score" in m or f"{k}/colour_acc" in m]
+        labels = {"real_at_decoder_size": "real shrunk", "real_upsampled": "real upsampled"}
         if modes:
             lines += ["", f"text -> image on {m.get('captions')} held-out captions, judged at {m.get('metrics_at_size')} "
-                      f"px (eval_generation; real: the held-out images; real shrunk: them at the decoder's side):",
+                      f"px (eval_generation; real: the held-out images; real shrunk: them at the decoder's side; real "
+                      "upsampled: those through the upsamplers; decoder_*: each mode's images at the decoder's side):",
                       f"  {'metric':<18}" + "".join(f"{labels.get(k, k):>17}" for k in modes)]
             for metric in GENERATION_SUMMARY:
                 vals = [m.get(f"{k}/{metric}") for k in modes]
@@ -502,7 +503,7 @@ def training_summary(run: dict) -> list[str]:
 
 
 GENERATION_SUMMARY = ("clip_score", "fd_clip", "colour_acc", "colour_acc_chance", "shape_acc", "shape_acc_chance",
-                      "colour_auc", "shape_auc")
+                      "colour_auc", "shape_auc", "decoder_colour_auc", "decoder_shape_auc")
 
 
 def summary(records: dict, workdir: str, config, seconds: float, release: dict | None = None) -> str:

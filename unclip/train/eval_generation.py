@@ -18,7 +18,10 @@ the images at ``metrics_at`` (a stage of the chain) for the first ``eval_caption
   captions do not name it; ``judge.attribute_accuracy``); ``real/colour_acc`` and ``real/shape_acc`` are the
   judge on held-out real images: the ceiling of the measurement, and ``real_at_decoder_size/*`` the
   same images shrunk to the decoder's side and back: what the chain's first image can show at best
-  (the upsamplers see no caption).
+  (the upsamplers see no caption); ``real_upsampled/*`` those shrunk images through the upsamplers up
+  to ``metrics_at``: what the upsamplers keep of it; and per mode ``decoder_colour_auc`` and
+  ``decoder_shape_auc``, the decoder's own images judged as ``real_at_decoder_size`` is: so a run shows
+  where along the chain an attribute is lost.
 
 Also a sample grid (a row per caption: the real image, then each mode at the decoder's resolution
 and at the top of the chain) as ``grid.png``, a Prefect image artifact, and ``metrics.json`` and a
@@ -44,6 +47,7 @@ from unclip.train.image import square, to_pil, to_tensor
 
 PRIOR_STAGES = ("prior_diffusion", "prior_ar")
 REAL_SMALL = "real_at_decoder_size"  # the held-out real images shrunk to the decoder's side (and judged at 64 px)
+REAL_UPSAMPLED = "real_upsampled"  # those shrunk images through the upsamplers up to metrics_at
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -128,26 +132,46 @@ def evaluate_generation(run_config, train_files, eval_files, previous: dict[str,
         small = judge_mod.shrink(held["image"], stack.size("decoder"))
         metrics.update({f"{REAL_SMALL}/{k}": v for k, v in
                         judge_mod.attribute_accuracy(judge, small.to(device), captions).items()})
+        if cfg.metrics_at != "decoder":
+            upsampled = _upsampled(stack, held["image"], settings, cfg)
+            metrics.update({f"{REAL_UPSAMPLED}/{k}": v for k, v in
+                            judge_mod.attribute_accuracy(judge, upsampled.to(device), captions).items()})
         judge_mod.save_judge(judge, storage.join(out_dir, "judge"))
     else:
         metrics["judge_skipped"] = why
     for i, mode in enumerate(modes):
-        images = stack.generate(captions, mode=mode, s=settings, seed=cfg.seed + i, top=cfg.metrics_at)[-1]
+        chain = stack.generate(captions, mode=mode, s=settings, seed=cfg.seed + i, top=cfg.metrics_at)
+        images = chain[-1]
         feats = stack.image_embedding(images)
         got = {"clip_score": float((feats * text_emb).sum(-1).mean()),
                "fd_clip": frechet_distance(feats.cpu().numpy(), real_feats.cpu().numpy())}
         if judge is not None:
             got.update(judge_mod.attribute_accuracy(judge, images.to(device), captions))
+            if len(chain) > 1:  # the decoder's own images, before the upsamplers (which see no caption)
+                first = judge_mod.attribute_accuracy(judge, judge_mod.enlarge(chain[0], images.shape[-2:]).to(device),
+                                                     captions)
+                got.update({f"decoder_{k}": first[k] for k in ("colour_auc", "shape_auc")})
         metrics.update({f"{mode}/{k}": v for k, v in got.items()})
     grid_png = sample_grid(stack, held, modes, settings, cfg, storage.join(out_dir, "samples"))
     grid_uri = storage.write_bytes(storage.join(out_dir, "grid.png"), grid_png)
     metrics["modes_evaluated"] = len(modes)
     metrics["seconds"] = round(time.monotonic() - started, 1)
-    rows = table_rows(metrics, ["real", REAL_SMALL, *modes])
+    rows = table_rows(metrics, ["real", REAL_SMALL, REAL_UPSAMPLED, *modes])
     storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
     return {"metrics": metrics, "rows": rows, "grid": grid_png,
             "outputs": {"metrics": storage.join(out_dir, "metrics.json"), "grid": grid_uri,
                         "samples": storage.join(out_dir, "samples")}}
+
+
+def _upsampled(stack: gen.Stack, images: torch.Tensor, s: gen.Settings, cfg) -> torch.Tensor:
+    """``images`` shrunk (bicubic, antialiased) to the decoder's side, then through the upsamplers up to
+    ``cfg.metrics_at``, in batches of ``s.batch_size`` with one seeded generator."""
+    side = stack.size("decoder")
+    small = torch.nn.functional.interpolate(images.float(), size=(side, side), mode="bicubic", antialias=True,
+                                            align_corners=False).clamp(-1, 1)
+    g = torch.Generator(device=stack.device).manual_seed(cfg.seed + 50)
+    return torch.cat([stack.chain(small[i:i + s.batch_size].to(stack.device), s, g, top=cfg.metrics_at)[-1].cpu()
+                      for i in range(0, len(small), s.batch_size)])
 
 
 def sample_grid(stack: gen.Stack, held: dict, modes: list[str], s: gen.Settings, cfg, samples_dir: str) -> bytes:

@@ -169,10 +169,16 @@ def resize(images: torch.Tensor) -> torch.Tensor:
 SOFTEN_SIDES = (16, 24, 32, 48)
 
 
+def enlarge(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Small images [N, 3, h, w] in [-1, 1] brought up (bicubic) to ``size``, as ``shrink`` brings its back:
+    a decoder's own images are judged as the real images shrunk to its side are."""
+    return F.interpolate(images.float(), size=tuple(size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
 def shrink(images: torch.Tensor, side: int) -> torch.Tensor:
     """Images [N, 3, H, W] in [-1, 1] downsampled (bicubic, antialiased) to ``side`` and back to H x W."""
     small = F.interpolate(images.float(), size=(side, side), mode="bicubic", antialias=True, align_corners=False)
-    return F.interpolate(small, size=images.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+    return enlarge(small, images.shape[-2:])
 
 
 def _soften(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
