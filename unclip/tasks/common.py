@@ -149,12 +149,13 @@ def fit_png(png: bytes, max_bytes: int = MAX_ARTIFACT_PNG_BYTES) -> tuple[bytes,
 
     image = Image.open(io.BytesIO(png))
     size = image.size
+    rgb = image.convert("RGB") if len(png) > max_bytes else image
     out, shown, scale = png, size, 1.0
     while len(out) > max_bytes and min(shown) > 16:
         scale /= 2 ** 0.5
         shown = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
         buf = io.BytesIO()
-        image.convert("RGB").resize(shown, Image.LANCZOS).save(buf, format="PNG", optimize=True)
+        rgb.resize(shown, Image.LANCZOS).save(buf, format="PNG", optimize=True)
         out = buf.getvalue()
     return out, shown, size
 

@@ -129,11 +129,12 @@ def evaluate_generation(run_config, train_files, eval_files, previous: dict[str,
         real_acc = judge_mod.attribute_accuracy(judge, held["image"].to(device), captions)
         metrics.update({f"real/{k}": v for k, v in real_acc.items()})
         # what the chain's first image can show at best: the real images shrunk to the decoder's side
-        small = judge_mod.shrink(held["image"], stack.size("decoder"))
+        low = judge_mod.downsample(held["image"], stack.size("decoder"))
+        small = judge_mod.enlarge(low, held["image"].shape[-2:])
         metrics.update({f"{REAL_SMALL}/{k}": v for k, v in
                         judge_mod.attribute_accuracy(judge, small.to(device), captions).items()})
         if cfg.metrics_at != "decoder":
-            upsampled = _upsampled(stack, held["image"], settings, cfg)
+            upsampled = _upsampled(stack, low.clamp(-1, 1), settings, cfg)
             metrics.update({f"{REAL_UPSAMPLED}/{k}": v for k, v in
                             judge_mod.attribute_accuracy(judge, upsampled.to(device), captions).items()})
         judge_mod.save_judge(judge, storage.join(out_dir, "judge"))
@@ -163,12 +164,9 @@ def evaluate_generation(run_config, train_files, eval_files, previous: dict[str,
                         "samples": storage.join(out_dir, "samples")}}
 
 
-def _upsampled(stack: gen.Stack, images: torch.Tensor, s: gen.Settings, cfg) -> torch.Tensor:
-    """``images`` shrunk (bicubic, antialiased) to the decoder's side, then through the upsamplers up to
-    ``cfg.metrics_at``, in batches of ``s.batch_size`` with one seeded generator."""
-    side = stack.size("decoder")
-    small = torch.nn.functional.interpolate(images.float(), size=(side, side), mode="bicubic", antialias=True,
-                                            align_corners=False).clamp(-1, 1)
+def _upsampled(stack: gen.Stack, small: torch.Tensor, s: gen.Settings, cfg) -> torch.Tensor:
+    """Images at the decoder's side through the upsamplers up to ``cfg.metrics_at``, in batches of
+    ``s.batch_size`` with one seeded generator."""
     g = torch.Generator(device=stack.device).manual_seed(cfg.seed + 50)
     return torch.cat([stack.chain(small[i:i + s.batch_size].to(stack.device), s, g, top=cfg.metrics_at)[-1].cpu()
                       for i in range(0, len(small), s.batch_size)])

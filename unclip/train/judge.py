@@ -175,10 +175,15 @@ def enlarge(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(images.float(), size=tuple(size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
+def downsample(images: torch.Tensor, side: int) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] downsampled (bicubic, antialiased) to ``side`` x ``side``; unclamped
+    (bicubic may overshoot [-1, 1] slightly)."""
+    return F.interpolate(images.float(), size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+
+
 def shrink(images: torch.Tensor, side: int) -> torch.Tensor:
     """Images [N, 3, H, W] in [-1, 1] downsampled (bicubic, antialiased) to ``side`` and back to H x W."""
-    small = F.interpolate(images.float(), size=(side, side), mode="bicubic", antialias=True, align_corners=False)
-    return enlarge(small, images.shape[-2:])
+    return enlarge(downsample(images, side), images.shape[-2:])
 
 
 def _soften(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
