@@ -148,7 +148,7 @@ def test_retrain_clip_publishes_a_model_that_plain_open_clip_loads(tmp_path, pre
     m = run["metrics"]
     assert m["clip/steps"] == 4 and m["clip/heldout_pairs"] > 0 and 0.3 < m["clip/mix/dalle"] < 0.7
     for k in ("i2t_recall@5", "t2i_recall@5", "zeroshot_colour_acc", "zeroshot_shape_acc", "recall@5_chance",
-              "zeroshot_colour_chance"):
+              "zeroshot_colour_chance", "probe_colour_auc", "probe_shape_auc"):
         assert f"clip/{k}" in m
     # the model version, listed by `unclip models --json`
     assert cli.main(["models", "--workdir", str(w), "--json"]) == 0

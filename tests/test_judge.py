@@ -185,3 +185,20 @@ def test_save_load_round_trip(demo, trained, tmp_path):
     big = torch.nn.functional.interpolate(images, size=(96, 96), mode="bilinear")
     colours, shapes = loaded.probabilities(big)
     assert colours.shape == (16, len(judge.COLOURS)) and shapes.shape == (16, len(judge.SHAPES))
+
+
+def test_probe_auc_tells_features_that_hold_an_attribute_from_ones_that_do_not(demo, one_thread):
+    _, scenes, _ = demo
+    colours, shapes = labels(scenes[:300])
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(len(judge.SHAPES), 64, generator=g)
+    holds = shapes @ mix + 0.5 * torch.randn(300, 64, generator=g)  # the shapes, linearly and noisily
+    blind = colours @ torch.randn(len(judge.COLOURS), 64, generator=g) + 0.5 * torch.randn(300, 64, generator=g)
+    assert judge.probe_auc(holds, shapes) > 0.95
+    assert abs(judge.probe_auc(blind, shapes) - 0.5) < 0.1  # colours say nothing about shapes here
+    assert judge.probe_auc(blind, colours) > 0.95
+    assert np.isnan(judge.probe_auc(holds[:3], shapes[:3]))
+    with pytest.raises(ValueError, match="target rows"):
+        judge.probe_auc(holds, shapes[:10])
+    with torch.inference_mode():  # as inside an evaluation
+        assert judge.probe_auc(holds.clone(), shapes.clone()) > 0.95

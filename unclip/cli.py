@@ -534,7 +534,9 @@ def summary(records: dict, workdir: str, config, seconds: float, release: dict |
                      f"colour {m.get('zeroshot_colour_acc', float('nan')):.3f} (chance "
                      f"{m.get('zeroshot_colour_chance', float('nan')):.3f}), shape "
                      f"{m.get('zeroshot_shape_acc', float('nan')):.3f} (chance "
-                     f"{m.get('zeroshot_shape_chance', float('nan')):.3f})")
+                     f"{m.get('zeroshot_shape_chance', float('nan')):.3f}); linear probe of the image embedding "
+                     f"(AUC, chance 0.5): colour {m.get('probe_colour_auc', float('nan')):.3f}, shape "
+                     f"{m.get('probe_shape_auc', float('nan')):.3f}")
     truth = {k[len("truth/"):]: v for k, v in records.get("semantic_filter", {}).get("metrics", {}).items()
              if k.startswith("truth/")}
     if truth:

@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 import torch
 from torch import nn
@@ -124,15 +125,19 @@ class ClipTask:
 def evaluate(model: nn.Module, preprocess, tokenizer, eval_files: pa.Table, *, batch_size: int = 256,
              device: torch.device | str = "cpu", max_pairs: int | None = None) -> dict[str, float]:
     """Held-out recall in galleries of 1,000 and, where the tars carry the demo's ``scene_json``,
-    zero-shot colour and shape accuracy against the generator's ground truth (with chance levels),
-    on the first ``max_pairs`` held-out pairs (all when None)."""
+    zero-shot colour and shape accuracy against the generator's ground truth (with chance levels) and
+    ``probe_colour_auc`` / ``probe_shape_auc``: whether the image embeddings hold the colours and shapes
+    at all, whatever the text tower makes of them (``judge.probe_auc``, a cross-validated linear probe
+    on the held-out embeddings; chance 0.5), on the first ``max_pairs`` held-out pairs (all when None)."""
     from unclip.data import demo_source
+    from unclip.train import judge
 
     model = model.eval().to(device)
     recall = RecallCounter()
     prompts = [(c, s) for c in demo_source.COLOURS for s in demo_source.SHAPES]
     prompt_emb = model.encode_text(tokenizer([f"a {c} {s}" for c, s in prompts]).to(device), normalize=True).float()
     zs = {"colour": 0, "shape": 0, "colour_chance": 0.0, "shape_chance": 0.0, "n": 0}
+    probe_x, probe_labels = [], []
     for batch in torch.utils.data.DataLoader(pairs.HeldOutPairs(eval_files, preprocess=preprocess, tokenizer=tokenizer,
                                                                 batch_size=batch_size, max_pairs=max_pairs),
                                              batch_size=None, num_workers=0):
@@ -140,11 +145,14 @@ def evaluate(model: nn.Module, preprocess, tokenizer, eval_files: pa.Table, *, b
         txt = model.encode_text(batch["text"].to(device), normalize=True).float()
         recall.add(img.cpu().numpy(), txt.cpu().numpy())
         top = (img @ prompt_emb.T).argmax(dim=1).tolist()
-        for t, meta in zip(top, batch["meta"]):
+        for i, (t, meta) in enumerate(zip(top, batch["meta"])):
             scene = meta.get("scene_json")
             if not scene:
                 continue
-            objects = json.loads(scene)["objects"] if isinstance(scene, str) else scene["objects"]
+            probe_x.append(img[i].cpu())
+            scene = json.loads(scene) if isinstance(scene, str) else scene
+            objects = scene["objects"]
+            probe_labels.append(judge.scene_labels(scene))
             colours, shapes = {o["colour"] for o in objects}, {o["shape"] for o in objects}
             zs["colour"] += prompts[t][0] in colours
             zs["shape"] += prompts[t][1] in shapes
@@ -156,6 +164,9 @@ def evaluate(model: nn.Module, preprocess, tokenizer, eval_files: pa.Table, *, b
         out.update(zeroshot_colour_acc=zs["colour"] / zs["n"], zeroshot_colour_chance=zs["colour_chance"] / zs["n"],
                    zeroshot_shape_acc=zs["shape"] / zs["n"], zeroshot_shape_chance=zs["shape_chance"] / zs["n"],
                    zeroshot_images=zs["n"])
+        x = torch.stack(probe_x)
+        colours, shapes = (torch.from_numpy(np.stack(k)) for k in zip(*probe_labels))
+        out.update(probe_colour_auc=judge.probe_auc(x, colours), probe_shape_auc=judge.probe_auc(x, shapes))
     return out
 
 
