@@ -27,7 +27,7 @@ def test_shipped_configs_load():
     assert demo.ingest.url_policy.allow_hosts == ("127.0.0.1",)
     # the demo trains its CLIP in the data pipeline and embeds with that model version
     assert demo.embed.model.catalog == "clip@latest" and demo.train.clip_in_data_pipeline
-    assert demo.train.clip.arch == "unclip-tiny" and demo.semantic_filter.min_clip_score == 0.6
+    assert demo.train.clip.arch == "unclip-tiny-timm" and demo.semantic_filter.min_clip_score == 0.6
     paper = load_config(ROOT / "configs" / "paper.yaml")
     assert (paper.pca.n_components, paper.pca.n_buckets) == (319, 1024)
     assert paper.embed.model.arch == "unclip-ViT-H-16-256"

@@ -67,7 +67,7 @@ def test_prefect_yaml_entrypoints_are_flows():
     assert tuple(demo["parameters"]["train_stages"]) == DEMO_TRAIN_STAGES
 
 
-@pytest.mark.parametrize("name", ["unclip-tiny", "unclip-ViT-H-16-256"])
+@pytest.mark.parametrize("name", ["unclip-tiny", "unclip-tiny-timm", "unclip-ViT-H-16-256"])
 def test_project_architectures_are_registered(name):
     assert name in clip.known_architectures()
 
