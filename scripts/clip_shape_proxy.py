@@ -5,7 +5,8 @@ dalle caption for every other scene and a clip (alt-text) caption for the rest, 
 mixes its two sources, and trains an open_clip architecture the project registers:
 
 - contrastive (default): open_clip's ``ClipLoss``, AdamW (betas 0.9/0.98, weight decay 0.2 on the
-  matrices), 20 warm-up steps and a cosine, as ``train.clip`` does; ``--hard-negatives`` adds, per
+  matrices) as ``train.clip`` has, 20 warm-up steps and a cosine over all steps (``train.clip``'s
+  ``trainer.lr_at`` decays over the steps after the warm-up: slightly higher rates late); ``--hard-negatives`` adds, per
   caption, a copy with one shape word swapped for another to the image side's softmax (NegCLIP-style);
 - ``--supervised``: the image tower alone with a linear head on the scenes' colour and shape labels
   (BCE), which asks whether the tower can learn shapes at all, whatever the objective.
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from unclip.data import clip as clip_data
 from unclip.data import demo_source as ds
+from unclip.data.retrieval import RecallCounter
 from unclip.train import judge
 
 
@@ -143,10 +145,11 @@ def main() -> None:
                     fi = model.encode_image(xt, normalize=True)
                     ft = model.encode_text(tokens_t, normalize=True)
                     fp = model.encode_text(tok([f"a {col} {shp}" for col, shp in prompts]), normalize=True)
-                    hits = ((ft @ fi.T).topk(5, dim=1).indices == torch.arange(len(xt))[:, None]).any(1)
+                    recall = RecallCounter()
+                    recall.add(fi.numpy(), ft.numpy())
                     top = (fi @ fp.T).argmax(1).tolist()
                     zs = np.mean([st[i, ds.SHAPES.index(prompts[t][1])].item() for i, t in enumerate(top)])
-                    line = (f"t2i recall@5 {hits.float().mean():.3f} zero-shot shape {zs:.3f} "
+                    line = (f"t2i recall@5 {recall.result()['t2i_recall@5']:.3f} zero-shot shape {zs:.3f} "
                             f"probe colour {judge.probe_auc(fi, ct):.3f} shape {judge.probe_auc(fi, st):.3f}")
             print(f"step {step} loss {loss.item():.3f} {line} ({time.time() - t0:.0f} s)", flush=True)
             trained.train()
