@@ -416,3 +416,18 @@ def test_semantic_filter_truth_scores_drops_against_the_plan():
     assert got["clip_score_partial_dropped_fraction"] == 1.0
     none = semantic_filter_truth(plan, reached, dropped.slice(0, 0))
     assert none["clip_score_precision"] is None and none["clip_score_dropped"] == 0
+
+
+def test_scene_grid():
+    """``grid`` lays objects out on a grid x grid of cells (the demo's 3 by default, drawn as before);
+    scripts/decoder_shape_oracle.py uses 2 for objects 1.5 times larger."""
+    assert ds._sample_scene(np.random.default_rng(7), 256, 256, "png") == \
+        ds._sample_scene(np.random.default_rng(7), 256, 256, "png", grid=3)
+    for seed in range(40):
+        scene = ds._sample_scene(np.random.default_rng(seed), 256, 256, "png", grid=2)
+        for obj in scene["objects"]:
+            r, c = obj["cell"]
+            assert obj["position"] == ds.POSITIONS_2X2[(r, c)]
+            for it in obj["instances"]:  # inside its cell of 128 x 128
+                assert c * 128 - 0.01 <= it["x"] - it["r"] and it["x"] + it["r"] <= (c + 1) * 128 + 0.01
+                assert r * 128 - 0.01 <= it["y"] - it["r"] and it["y"] + it["r"] <= (r + 1) * 128 + 0.01

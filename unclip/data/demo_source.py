@@ -74,6 +74,9 @@ POSITIONS: dict[tuple[int, int], str] = {
     (1, 0): "on the left", (1, 1): "in the centre", (1, 2): "on the right",
     (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right",
 }
+POSITIONS_2X2: dict[tuple[int, int], str] = {
+    (0, 0): "at the top left", (0, 1): "at the top right", (1, 0): "at the bottom left", (1, 1): "at the bottom right",
+}
 NUMBER_WORDS = {1: "a", 2: "two", 3: "three"}
 
 CLIP_NOISE_FRACTION = 0.10  # of clip's ok rows: 60% of these partly right, 40% about another image
@@ -184,7 +187,8 @@ def _sample_dims(rng: np.random.Generator, min_side: int, max_aspect: float) -> 
     return (long, short) if rng.random() < 0.5 else (short, long)
 
 
-def _sample_scene(rng: np.random.Generator, width: int, height: int, fmt: str, max_kinds: int = 3) -> dict:
+def _sample_scene(rng: np.random.Generator, width: int, height: int, fmt: str, max_kinds: int = 3,
+                  grid: int = 3) -> dict:
     tone = "light" if rng.random() < 0.6 else "dark"
     v = int(rng.integers(200, 241)) if tone == "light" else int(rng.integers(22, 61))
     bg = [min(255, max(0, v + int(t))) for t in rng.integers(-12, 13, size=3)]
@@ -192,9 +196,10 @@ def _sample_scene(rng: np.random.Generator, width: int, height: int, fmt: str, m
     texture = str(rng.choice(textures))
     n_kinds = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
     n_kinds = min(n_kinds, max_kinds)
-    cells = [divmod(int(c), 3) for c in rng.permutation(9)[:n_kinds]]
+    cells = [divmod(int(c), grid) for c in rng.permutation(grid * grid)[:n_kinds]]
     cells.sort()  # reading order: captions list objects top-left to bottom-right
-    cw, ch = width / 3.0, height / 3.0
+    cw, ch = width / grid, height / grid
+    positions = POSITIONS if grid == 3 else POSITIONS_2X2
     used: set[tuple[str, str]] = set()
     objects = []
     for (r, c) in cells:
@@ -229,7 +234,7 @@ def _sample_scene(rng: np.random.Generator, width: int, height: int, fmt: str, m
             angle = 0.0 if shape == "circle" else rng.uniform(-15, 15)
             insts.append({"x": round(cx, 2), "y": round(cy, 2), "r": round(rad, 2), "angle": round(angle, 2)})
         objects.append({"shape": shape, "colour": colour, "rgb": rgb, "size": size, "count": count,
-                        "cell": [r, c], "position": POSITIONS[(r, c)], "instances": insts})
+                        "cell": [r, c], "position": positions[(r, c)], "instances": insts})
     return {"width": width, "height": height, "format": fmt,
             "background": {"tone": tone, "rgb": bg, "texture": texture,
                            "gradient": [int(x) for x in rng.integers(-24, 25, size=2)],

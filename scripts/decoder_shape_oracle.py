@@ -1,0 +1,172 @@
+"""Can the demo's decoder draw shapes when its conditioning names them? An oracle that needs no pipeline run.
+
+The demo's generated images show the captioned colours but not the shapes, and its CLIP embedding
+holds little shape (docs/training.md, "Where shape is lost"). This asks the other half of the
+question: given an embedding that does hold the shapes, does the 16 px decoder draw them within the
+demo's steps? It renders fresh demo scenes (``unclip.data.demo_source``, 256 px, the decoder's side
+by ``image.DecoderPreprocess``) and trains the ``tiny`` decoder (``train.decoder``'s schedule: AdamW,
+linear warm-up and cosine, EMA through ``AveragedModel``, 10% of the embeddings zeroed) with, in
+place of the CLIP image embedding, the scene's own labels as a unit vector (``--cond``):
+
+- ``oracle``: per 3x3 cell, the one-hot colour and one-hot shape of its object (zero when empty);
+- ``colour``: per cell the colour only, which is about what the demo's CLIP embedding carries.
+
+Captions are dropped always unless ``--captions`` (then at ``text_drop``, as in training). Every
+``--eval-every`` steps it samples the held-out scenes (DDIM, guidance on the embedding) with the EMA
+weights and judges them with an attribute judge trained on other real renders (``judge.train_judge``),
+as ``eval_generation`` judges its images (brought up to the judge's 64 px), next to the real scenes
+at the decoder's side. ``--grid 2`` lays the scenes out on 2 x 2 cells (objects 1.5 times larger),
+``--snr-shift`` scales every step's signal-to-noise ratio, ``--image-size`` sets the decoder's side.
+docs/training.md ("The decoder does not draw shapes even when its embedding names them") has the numbers.
+
+    .venv/bin/python scripts/decoder_shape_oracle.py --cond oracle [--steps 1400] [--eval-every 700]
+        [--captions] [--grid 2] [--snr-shift 16] [--image-size 32] [--out grid.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel
+from torchvision.utils import save_image
+
+from unclip.config import DecoderTrainConfig
+from unclip.data import demo_source as ds
+from unclip.models import unet
+from unclip.models.diffusion import GaussianDiffusion, guided
+from unclip.models.prior import trim_tokens
+from unclip.train import image, judge, trainer
+
+
+def render(n: int, rng: np.random.Generator, grid: int = 3) -> tuple[list[dict], list]:
+    scenes, images = [], []
+    for _ in range(n):
+        scene = ds._sample_scene(rng, 256, 256, "png", grid=grid)
+        scenes.append(scene)
+        images.append(ds._render(scene, rng))
+    return scenes, images
+
+
+def condition(scenes: list[dict], kind: str) -> torch.Tensor:
+    """Unit vectors [N, 9 * (colours + shapes)] of the scenes' labels per cell (``kind`` as in --cond)."""
+    colours, shapes = list(ds.COLOURS), ds.SHAPES
+    per = len(colours) + len(shapes)
+    out = torch.zeros(len(scenes), 9 * per)
+    for i, scene in enumerate(scenes):
+        for obj in scene["objects"]:
+            r, c = obj["cell"]
+            base = (3 * r + c) * per
+            out[i, base + colours.index(obj["colour"])] = 1.0
+            if kind == "oracle":
+                out[i, base + len(colours) + shapes.index(obj["shape"])] = 1.0
+    return out / out.norm(dim=1, keepdim=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cond", choices=("oracle", "colour"), default="oracle")
+    ap.add_argument("--captions", action="store_true", help="condition on the dalle captions too")
+    ap.add_argument("--grid", type=int, default=3, help="objects on a grid x grid layout (the demo's: 3)")
+    ap.add_argument("--image-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=1400)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--pairs", type=int, default=1000)
+    ap.add_argument("--heldout", type=int, default=128)
+    ap.add_argument("--eval-every", type=int, default=700)
+    ap.add_argument("--snr-shift", type=float, default=1.0, help="multiply the schedule's SNR (16: the cosine moved "
+                    "from 64 px to 16 px as simple diffusion moves it)")
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--sample-steps", type=int, default=25)
+    ap.add_argument("--out", help="a PNG of real and generated held-out images")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    import open_clip
+
+    rng = np.random.default_rng(args.seed)
+    scenes, pics = render(args.pairs, rng, args.grid)
+    scenes_t, pics_t = render(args.heldout, rng, args.grid)
+    pre = image.DecoderPreprocess(args.image_size)
+    x, xt = torch.stack([pre(p) for p in pics]), torch.stack([pre(p) for p in pics_t])
+    z, zt = condition(scenes, args.cond), condition(scenes_t, args.cond)
+    caps = [ds.dalle_caption(s, rng) for s in scenes]
+    caps_t = [ds.dalle_caption(s, rng) for s in scenes_t]
+    tokens, tokens_t = open_clip.tokenize(caps), open_clip.tokenize(caps_t)
+
+    # the judge: trained on other real renders at its own side, as eval_generation's
+    judge_scenes, judge_pics = render(800, rng, args.grid)
+    jx = torch.stack([image.DecoderPreprocess(judge.JUDGE_SIZE)(p) for p in judge_pics])
+    labels = [judge.scene_labels(s) for s in judge_scenes]
+    jd = judge.train_judge(jx, torch.from_numpy(np.stack([c for c, _ in labels])),
+                           torch.from_numpy(np.stack([s for _, s in labels])), seed=args.seed)
+
+    def judged(name: str, imgs: torch.Tensor) -> None:
+        m = judge.attribute_accuracy(jd, judge.enlarge(imgs, (judge.JUDGE_SIZE, judge.JUDGE_SIZE)), caps_t)
+        print(f"{name}: colour_acc {m['colour_acc']:.3f} (chance {m['colour_acc_chance']:.3f}) "
+              f"shape_acc {m['shape_acc']:.3f} (chance {m['shape_acc_chance']:.3f}) "
+              f"colour_auc {m['colour_auc']:.3f} shape_auc {m['shape_auc']:.3f}", flush=True)
+
+    judged(f"real at {args.image_size} px", xt)
+    cfg = dataclasses.replace(unet.FLAVOURS["tiny"]["decoder"], image_size=args.image_size, embed_dim=z.shape[1])
+    model = unet.Decoder(cfg)
+    diffusion = model.diffusion()
+    if args.snr_shift != 1.0:  # every step's signal-to-noise ratio times the shift (simple diffusion's, for small images)
+        snr = diffusion.alphas_cumprod / (1 - diffusion.alphas_cumprod) * args.snr_shift
+        ab = snr / (1 + snr)
+        diffusion = GaussianDiffusion(1 - ab / torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]]),
+                                      target=diffusion.target, clip_x0=True)
+    sched = DecoderTrainConfig(steps=args.steps, lr=args.lr, warmup_steps=min(50, args.steps), batch_size=args.batch_size,
+                               ema_decay=0.995)
+    ema = AveragedModel(model, multi_avg_fn=trainer.ema_avg_fn(sched.ema_decay), use_buffers=True)
+    opt = torch.optim.AdamW(trainer.param_groups(model, sched.weight_decay), lr=args.lr, betas=sched.betas)
+    g = torch.Generator().manual_seed(args.seed)
+    ones = torch.ones(len(xt), dtype=torch.bool)
+    held = {"tokens": trim_tokens(tokens_t), "image_emb": zt, "drop_text": ~ones if args.captions else ones,
+            "drop_image": ~ones}
+
+    @torch.no_grad()
+    def sample(net: torch.nn.Module) -> torch.Tensor:
+        fn = guided(net, args.guidance, uncond_kwargs={"drop_text": ones, "drop_image": ones})
+        return diffusion.respaced(args.sample_steps).sample(
+            fn, xt.shape, model_kwargs=held, generator=torch.Generator().manual_seed(args.seed),
+            sampler="ddim").clamp(-1, 1)
+
+    print(f"decoder {unet.count_parameters(model) / 1e6:.2f}M, {args.image_size} px, cond {args.cond}"
+          f"{' + captions' if args.captions else ''}, {args.steps} steps of {args.batch_size}", flush=True)
+    t0 = time.time()
+    model.train()
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = trainer.lr_at(step, sched)
+        idx = torch.randint(0, args.pairs, (args.batch_size,), generator=g)
+        n = len(idx)
+        drop_text = torch.rand(n) < cfg.text_drop if args.captions else torch.ones(n, dtype=torch.bool)
+        kwargs = {"tokens": trim_tokens(tokens[idx]), "image_emb": z[idx], "drop_text": drop_text,
+                  "drop_image": torch.rand(n) < cfg.image_drop}
+        t = diffusion.sample_timesteps(n)
+        loss = diffusion.training_loss(model, x[idx], t, model_kwargs=kwargs).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update_parameters(model)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            print(f"step {step + 1} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
+            samples = sample(ema.module.eval())
+            judged(f"decoder at step {step + 1}", samples)
+            model.train()
+    if args.out:  # the first 16 held-out scenes, real above generated, at 4x
+        big = judge.enlarge(torch.cat([xt[:16], samples[:16]]), (4 * args.image_size,) * 2)
+        save_image(big * 0.5 + 0.5, args.out, nrow=16, padding=2)
+
+    print(f"total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
