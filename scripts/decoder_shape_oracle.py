@@ -16,11 +16,12 @@ Captions are dropped always unless ``--captions`` (then at ``text_drop``, as in 
 weights and judges them with an attribute judge trained on other real renders (``judge.train_judge``),
 as ``eval_generation`` judges its images (brought up to the judge's 64 px), next to the real scenes
 at the decoder's side. ``--grid 2`` lays the scenes out on 2 x 2 cells (objects 1.5 times larger),
-``--snr-shift`` scales every step's signal-to-noise ratio, ``--image-size`` sets the decoder's side.
+``--snr-shift`` scales every step's signal-to-noise ratio, ``--image-size`` sets the decoder's side,
+``--width`` the UNet's base width.
 docs/training.md ("The decoder does not draw shapes even when its embedding names them") has the numbers.
 
     .venv/bin/python scripts/decoder_shape_oracle.py --cond oracle [--steps 1400] [--eval-every 700]
-        [--captions] [--grid 2] [--snr-shift 16] [--image-size 32] [--out grid.png]
+        [--captions] [--grid 2] [--snr-shift 16] [--image-size 32] [--width 64] [--out grid.png]
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=1000)
     ap.add_argument("--heldout", type=int, default=128)
     ap.add_argument("--eval-every", type=int, default=700)
+    ap.add_argument("--width", type=int, default=0, help="the UNet's base width (0: the tiny decoder's 32)")
     ap.add_argument("--snr-shift", type=float, default=1.0, help="multiply the schedule's SNR (16: the cosine moved "
                     "from 64 px to 16 px as simple diffusion moves it)")
     ap.add_argument("--guidance", type=float, default=3.0)
@@ -114,7 +116,9 @@ def main() -> None:
               f"colour_auc {m['colour_auc']:.3f} shape_auc {m['shape_auc']:.3f}", flush=True)
 
     judged(f"real at {args.image_size} px", xt)
-    cfg = dataclasses.replace(unet.FLAVOURS["tiny"]["decoder"], image_size=args.image_size, embed_dim=z.shape[1])
+    cfg = unet.FLAVOURS["tiny"]["decoder"]
+    cfg = dataclasses.replace(cfg, image_size=args.image_size, embed_dim=z.shape[1],
+                              model_channels=args.width or cfg.model_channels)
     model = unet.Decoder(cfg)
     diffusion = model.diffusion()
     if args.snr_shift != 1.0:  # every step's signal-to-noise ratio times the shift (simple diffusion's, for small images)
