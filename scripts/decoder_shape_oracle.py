@@ -71,7 +71,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cond", choices=("oracle", "colour"), default="oracle")
     ap.add_argument("--captions", action="store_true", help="condition on the dalle captions too")
-    ap.add_argument("--grid", type=int, default=3, help="objects on a grid x grid layout (the demo's: 3)")
+    ap.add_argument("--grid", type=int, choices=sorted(ds.POSITIONS_BY_GRID), default=3,
+                    help="objects on a grid x grid layout (the demo's: 3)")
     ap.add_argument("--image-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=1400)
     ap.add_argument("--batch-size", type=int, default=32)

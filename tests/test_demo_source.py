@@ -431,3 +431,5 @@ def test_scene_grid():
             for it in obj["instances"]:  # inside its cell of 128 x 128
                 assert c * 128 - 0.01 <= it["x"] - it["r"] and it["x"] + it["r"] <= (c + 1) * 128 + 0.01
                 assert r * 128 - 0.01 <= it["y"] - it["r"] and it["y"] + it["r"] <= (r + 1) * 128 + 0.01
+    with pytest.raises(ValueError, match="grid 4"):
+        ds._sample_scene(np.random.default_rng(0), 256, 256, "png", grid=4)

@@ -77,6 +77,7 @@ POSITIONS: dict[tuple[int, int], str] = {
 POSITIONS_2X2: dict[tuple[int, int], str] = {
     (0, 0): "at the top left", (0, 1): "at the top right", (1, 0): "at the bottom left", (1, 1): "at the bottom right",
 }
+POSITIONS_BY_GRID = {3: POSITIONS, 2: POSITIONS_2X2}  # _sample_scene's grid sizes
 NUMBER_WORDS = {1: "a", 2: "two", 3: "three"}
 
 CLIP_NOISE_FRACTION = 0.10  # of clip's ok rows: 60% of these partly right, 40% about another image
@@ -189,6 +190,9 @@ def _sample_dims(rng: np.random.Generator, min_side: int, max_aspect: float) -> 
 
 def _sample_scene(rng: np.random.Generator, width: int, height: int, fmt: str, max_kinds: int = 3,
                   grid: int = 3) -> dict:
+    if grid not in POSITIONS_BY_GRID:
+        raise ValueError(f"grid {grid}: one of {sorted(POSITIONS_BY_GRID)}")
+    positions = POSITIONS_BY_GRID[grid]
     tone = "light" if rng.random() < 0.6 else "dark"
     v = int(rng.integers(200, 241)) if tone == "light" else int(rng.integers(22, 61))
     bg = [min(255, max(0, v + int(t))) for t in rng.integers(-12, 13, size=3)]
@@ -199,7 +203,6 @@ def _sample_scene(rng: np.random.Generator, width: int, height: int, fmt: str, m
     cells = [divmod(int(c), grid) for c in rng.permutation(grid * grid)[:n_kinds]]
     cells.sort()  # reading order: captions list objects top-left to bottom-right
     cw, ch = width / grid, height / grid
-    positions = POSITIONS if grid == 3 else POSITIONS_2X2
     used: set[tuple[str, str]] = set()
     objects = []
     for (r, c) in cells:
