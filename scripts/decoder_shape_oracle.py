@@ -17,11 +17,14 @@ weights and judges them with an attribute judge trained on other real renders (`
 as ``eval_generation`` judges its images (brought up to the judge's 64 px), next to the real scenes
 at the decoder's side. ``--grid 2`` lays the scenes out on 2 x 2 cells (objects 1.5 times larger),
 ``--snr-shift`` scales every step's signal-to-noise ratio, ``--image-size`` sets the decoder's side,
-``--width`` the UNet's base width.
+``--width`` the UNet's base width, ``--res-blocks`` its blocks a level, ``--t-dist lognormal`` draws
+training timesteps at EDM's noise levels; ``--eval-train`` also judges samples of training scenes, and
+the last evaluation is split into scenes with only large objects and scenes with a small one.
 docs/training.md ("The decoder does not draw shapes even when its embedding names them") has the numbers.
 
     .venv/bin/python scripts/decoder_shape_oracle.py --cond oracle [--steps 1400] [--eval-every 700]
-        [--captions] [--grid 2] [--snr-shift 16] [--image-size 32] [--width 64] [--out grid.png]
+        [--captions] [--grid 2] [--snr-shift 16] [--image-size 32] [--width 64] [--res-blocks 2]
+        [--t-dist lognormal] [--lr 4e-3] [--eval-train] [--out grid.png]
 """
 
 from __future__ import annotations
@@ -81,6 +84,10 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=128)
     ap.add_argument("--eval-every", type=int, default=700)
     ap.add_argument("--width", type=int, default=0, help="the UNet's base width (0: the tiny decoder's 32)")
+    ap.add_argument("--res-blocks", type=int, default=0, help="residual blocks a level (0: the tiny decoder's 1)")
+    ap.add_argument("--t-dist", choices=("uniform", "lognormal"), default="uniform",
+                    help="training timesteps: uniform, or log-SNR ~ N(2.4, 2.4) (EDM's noise levels)")
+    ap.add_argument("--eval-train", action="store_true", help="also sample and judge 128 training scenes")
     ap.add_argument("--snr-shift", type=float, default=1.0, help="multiply the schedule's SNR (16: the cosine moved "
                     "from 64 px to 16 px as simple diffusion moves it)")
     ap.add_argument("--guidance", type=float, default=3.0)
@@ -110,8 +117,8 @@ def main() -> None:
     jd = judge.train_judge(jx, torch.from_numpy(np.stack([c for c, _ in labels])),
                            torch.from_numpy(np.stack([s for _, s in labels])), seed=args.seed)
 
-    def judged(name: str, imgs: torch.Tensor) -> None:
-        m = judge.attribute_accuracy(jd, judge.enlarge(imgs, (judge.JUDGE_SIZE, judge.JUDGE_SIZE)), caps_t)
+    def judged(name: str, imgs: torch.Tensor, captions: list[str] = caps_t) -> None:
+        m = judge.attribute_accuracy(jd, judge.enlarge(imgs, (judge.JUDGE_SIZE, judge.JUDGE_SIZE)), captions)
         print(f"{name}: colour_acc {m['colour_acc']:.3f} (chance {m['colour_acc_chance']:.3f}) "
               f"shape_acc {m['shape_acc']:.3f} (chance {m['shape_acc_chance']:.3f}) "
               f"colour_auc {m['colour_auc']:.3f} shape_auc {m['shape_auc']:.3f}", flush=True)
@@ -119,7 +126,8 @@ def main() -> None:
     judged(f"real at {args.image_size} px", xt)
     cfg = unet.FLAVOURS["tiny"]["decoder"]
     cfg = dataclasses.replace(cfg, image_size=args.image_size, embed_dim=z.shape[1],
-                              model_channels=args.width or cfg.model_channels)
+                              model_channels=args.width or cfg.model_channels,
+                              num_res_blocks=args.res_blocks or cfg.num_res_blocks)
     model = unet.Decoder(cfg)
     diffusion = model.diffusion()
     if args.snr_shift != 1.0:  # every step's signal-to-noise ratio times the shift (simple diffusion's, for small images)
@@ -127,6 +135,7 @@ def main() -> None:
         ab = snr / (1 + snr)
         diffusion = GaussianDiffusion(1 - ab / torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]]),
                                       target=diffusion.target, clip_x0=True)
+    logsnr = (diffusion.alphas_cumprod / (1 - diffusion.alphas_cumprod)).log()  # decreasing in t
     sched = DecoderTrainConfig(steps=args.steps, lr=args.lr, warmup_steps=min(50, args.steps), batch_size=args.batch_size,
                                ema_decay=0.995)
     ema = AveragedModel(model, multi_avg_fn=trainer.ema_avg_fn(sched.ema_decay), use_buffers=True)
@@ -136,11 +145,14 @@ def main() -> None:
     held = {"tokens": trim_tokens(tokens_t), "image_emb": zt, "drop_text": ~ones if args.captions else ones,
             "drop_image": ~ones}
 
+    train_kw = {"tokens": trim_tokens(tokens[:len(xt)]), "image_emb": z[:len(xt)], "drop_text": held["drop_text"],
+                "drop_image": ~ones}
+
     @torch.no_grad()
-    def sample(net: torch.nn.Module) -> torch.Tensor:
+    def sample(net: torch.nn.Module, kwargs: dict = held) -> torch.Tensor:
         fn = guided(net, args.guidance, uncond_kwargs={"drop_text": ones, "drop_image": ones})
         return diffusion.respaced(args.sample_steps).sample(
-            fn, xt.shape, model_kwargs=held, generator=torch.Generator().manual_seed(args.seed),
+            fn, xt.shape, model_kwargs=kwargs, generator=torch.Generator().manual_seed(args.seed),
             sampler="ddim").clamp(-1, 1)
 
     print(f"decoder {unet.count_parameters(model) / 1e6:.2f}M, {args.image_size} px, cond {args.cond}"
@@ -155,7 +167,11 @@ def main() -> None:
         drop_text = torch.rand(n) < cfg.text_drop if args.captions else torch.ones(n, dtype=torch.bool)
         kwargs = {"tokens": trim_tokens(tokens[idx]), "image_emb": z[idx], "drop_text": drop_text,
                   "drop_image": torch.rand(n) < cfg.image_drop}
-        t = diffusion.sample_timesteps(n)
+        if args.t_dist == "lognormal":  # the step whose log-SNR is nearest a draw of N(2.4, 2.4)
+            lam = 2.4 + 2.4 * torch.randn(n, generator=g, dtype=torch.float64)
+            t = torch.searchsorted(-logsnr, -lam).clamp(max=diffusion.num_steps - 1)
+        else:
+            t = diffusion.sample_timesteps(n)
         loss = diffusion.training_loss(model, x[idx], t, model_kwargs=kwargs).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -165,7 +181,13 @@ def main() -> None:
             print(f"step {step + 1} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
             samples = sample(ema.module.eval())
             judged(f"decoder at step {step + 1}", samples)
+            if args.eval_train:
+                judged(f"decoder at step {step + 1}, training scenes", sample(ema.module, train_kw), caps[:len(xt)])
             model.train()
+    large = [i for i, sc in enumerate(scenes_t) if all(o["size"] == "large" for o in sc["objects"])]
+    for name, keep in (("only large objects", large), ("a small object", sorted(set(range(len(xt))) - set(large)))):
+        judged(f"real, {len(keep)} scenes with {name}", xt[keep], [caps_t[i] for i in keep])
+        judged(f"decoder, {len(keep)} scenes with {name}", samples[keep], [caps_t[i] for i in keep])
     if args.out:  # the first 16 held-out scenes, real above generated, at 4x
         big = judge.enlarge(torch.cat([xt[:16], samples[:16]]), (4 * args.image_size,) * 2)
         save_image(big * 0.5 + 0.5, args.out, nrow=16, padding=2)
