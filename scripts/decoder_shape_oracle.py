@@ -24,7 +24,9 @@ docs/training.md ("The decoder does not draw shapes even when its embedding name
 
     .venv/bin/python scripts/decoder_shape_oracle.py --cond oracle [--steps 1400] [--eval-every 700]
         [--captions] [--grid 2] [--snr-shift 16] [--image-size 32] [--width 64] [--res-blocks 2]
-        [--t-dist lognormal] [--lr 4e-3] [--eval-train] [--out grid.png]
+        [--t-dist lognormal] [--lr 4e-3] [--eval-train] [--out grid.png] [--save ema.safetensors]
+    .venv/bin/python scripts/decoder_shape_oracle.py --load ema.safetensors [--sampler ddpm] [--eta 1]
+        [--sample-steps 250] [--guidance 1]    # the same scenes and judge; only the sampling differs
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import time
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import save_image
 
@@ -92,6 +95,10 @@ def main() -> None:
                     "from 64 px to 16 px as simple diffusion moves it)")
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--sample-steps", type=int, default=25)
+    ap.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    ap.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic, 1: DDPM's variance)")
+    ap.add_argument("--save", help="write the EMA decoder's weights here (safetensors) after training")
+    ap.add_argument("--load", help="skip training: sample and judge the EMA weights saved by --save")
     ap.add_argument("--out", help="a PNG of real and generated held-out images")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -153,13 +160,18 @@ def main() -> None:
         fn = guided(net, args.guidance, uncond_kwargs={"drop_text": ones, "drop_image": ones})
         return diffusion.respaced(args.sample_steps).sample(
             fn, xt.shape, model_kwargs=kwargs, generator=torch.Generator().manual_seed(args.seed),
-            sampler="ddim").clamp(-1, 1)
+            sampler=args.sampler, eta=args.eta).clamp(-1, 1)
 
     print(f"decoder {unet.count_parameters(model) / 1e6:.2f}M, {args.image_size} px, cond {args.cond}"
           f"{' + captions' if args.captions else ''}, {args.steps} steps of {args.batch_size}", flush=True)
     t0 = time.time()
+    if args.load:  # the same data, judge and held-out noise: only the sampling differs
+        ema.module.load_state_dict(load_file(args.load))
+        samples = sample(ema.module.eval())
+        judged(f"decoder from {args.load}, {args.sampler} {args.sample_steps} steps eta {args.eta} "
+               f"guidance {args.guidance}", samples)
     model.train()
-    for step in range(args.steps):
+    for step in range(0 if args.load else args.steps):
         for group in opt.param_groups:
             group["lr"] = trainer.lr_at(step, sched)
         idx = torch.randint(0, args.pairs, (args.batch_size,), generator=g)
@@ -184,6 +196,8 @@ def main() -> None:
             if args.eval_train:
                 judged(f"decoder at step {step + 1}, training scenes", sample(ema.module, train_kw), caps[:len(xt)])
             model.train()
+    if args.save:
+        save_file({k: v.detach().contiguous().clone() for k, v in ema.module.state_dict().items()}, args.save)
     large = [i for i, sc in enumerate(scenes_t) if all(o["size"] == "large" for o in sc["objects"])]
     for name, keep in (("only large objects", large), ("a small object", sorted(set(range(len(xt))) - set(large)))):
         judged(f"real, {len(keep)} scenes with {name}", xt[keep], [caps_t[i] for i in keep])
