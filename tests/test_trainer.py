@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from unclip import storage
 from unclip.config import LaunchConfig, StageTrainConfig
 from unclip.train import trainer as tr
 from unclip.train.distributed import launch
@@ -228,18 +229,36 @@ def test_batch_must_split_over_processes_and_accumulation():
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(strategy, tmp_path):
     cfg = _cfg(steps=4, checkpoint_every=2)
     one = tr.Trainer(ToyTask(), cfg, str(tmp_path / "one")).run()
-    launch(LaunchConfig(nproc_per_node=2, backend="gloo"), "toy_task",
-           ["--out", str(tmp_path / "two"), "--config", cfg.model_dump_json()],
-           log_path=str(tmp_path / "two.log"), env=ENV, timeout_s=180)
-    a, b = tr.load_checkpoint(one.checkpoint), tr.load_checkpoint(tr.latest_checkpoint(str(tmp_path / "two")))
-    assert b["data_position"]["world_size"] == 2 and len(b["rng"]) == 2
-    for k in a["model"]:
-        torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-6, rtol=1e-5, msg=k)
-    for k in a["ema"]:
-        torch.testing.assert_close(b["ema"][k], a["ema"][k], atol=1e-6, rtol=1e-5, msg=k)
+    a = tr.load_checkpoint(one.checkpoint)
+
+    def two_processes(ema_shift: float = 0.0) -> None:
+        launch(LaunchConfig(nproc_per_node=2, backend="gloo", strategy=strategy), "toy_task",
+               ["--out", str(tmp_path / "two"), "--config", cfg.model_dump_json(), "--strategy", strategy],
+               log_path=str(tmp_path / "two.log"), env=ENV, timeout_s=180)
+        b = tr.load_checkpoint(tr.latest_checkpoint(str(tmp_path / "two")))
+        assert b["step"] == 4 and b["data_position"]["world_size"] == 2 and len(b["rng"]) == 2
+        for part, shift in (("model", 0.0), ("ema", ema_shift)):  # full tensors, not one rank's FSDP shards
+            assert b[part].keys() == a[part].keys()
+            for k in a[part]:
+                assert type(b[part][k]) is torch.Tensor, (part, k)
+                want = a[part][k] + shift if k.startswith("module.") else a[part][k]
+                torch.testing.assert_close(b[part][k], want, atol=1e-6, rtol=1e-5, msg=f"{part} {k}")
+
+    two_processes()
+    # Resumed from the step-2 checkpoint with 1 added to its EMA weights: each rank loads its shard of
+    # them and of the update count, so the two EMA updates left keep min(0.9, (1 + n) / (10 + n)) of the
+    # shift at n = 2 and 3 (a run that restarted, or lost the EMA or its count, would not)
+    ckpts = tr.checkpoint_dir(str(tmp_path / "two"))
+    step2 = storage.join(ckpts, "step-00000002.pt")
+    state = tr.load_checkpoint(step2)
+    state["ema"] = {k: v + 1.0 if k.startswith("module.") else v for k, v in state["ema"].items()}
+    torch.save(state, step2)
+    storage.write_json(storage.join(ckpts, "latest.json"), {"checkpoint": step2, "step": 2})
+    two_processes(ema_shift=(3 / 12) * (4 / 13))
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ micro-batches that can start at a given position, and its loss. Everything else 
   only; the learning rate a pure function of the step (linear warmup, cosine decay), so a resumed run
   follows the same schedule exactly;
 - EMA weights through ``torch.optim.swa_utils.AveragedModel`` (with a warmed-up decay, so short runs
-  are not dominated by the initialisation);
+  are not dominated by the initialisation), sharded as the model is under FSDP;
 - bf16 autocast on CUDA, fp32 on CPU; DDP or FSDP applied from outside by ``distributed.wrap_model``;
 - a self-describing checkpoint every ``checkpoint_every`` steps and at exit: model config, weights,
   EMA, optimiser, step, data position, every rank's RNG states and task state (e.g. its position in
@@ -184,6 +184,33 @@ def _load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_s
                    options=StateDictOptions(full_state_dict=True))
 
 
+def _fsdp_blocks(model: nn.Module) -> list[nn.Module]:
+    return getattr(model, "fsdp_blocks", lambda: [])()
+
+
+def _full_ema_state(ema: AveragedModel, sharded: bool) -> dict:
+    """The EMA's state dict with full tensors on CPU (AveragedModel's keys: ``module.*`` and
+    ``n_averaged``); under FSDP every rank must call it, and rank 0 gets the gathered weights."""
+    if not sharded:
+        return ema.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(ema.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {**{f"module.{k}": v for k, v in full.items()}, "n_averaged": ema.n_averaged.detach().cpu()}
+
+
+def _load_ema(ema: AveragedModel, state: dict, sharded: bool) -> None:
+    """Load ``_full_ema_state``'s dict; under FSDP each rank keeps its own shard of it."""
+    if not sharded:
+        ema.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(ema.module, {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")},
+                         options=StateDictOptions(full_state_dict=True))
+    ema.n_averaged.copy_(state["n_averaged"])
+
+
 # -- the loop ---------------------------------------------------------------------------------------
 class Trainer:
     """Train ``task`` for ``cfg.steps`` optimiser steps, writing into ``out_dir``.
@@ -199,6 +226,8 @@ class Trainer:
         self.lineage = lineage or {}
         self.strategy = strategy
         self.ctx = ctx or distributed.init()
+        # FSDP applies only under a process group (distributed.wrap_model leaves the model plain without one)
+        self.sharded = strategy == "fsdp" and torch.distributed.is_initialized()
         self.on_progress = on_progress
         per_rank = cfg.batch_size // cfg.grad_accum
         if per_rank % self.ctx.world_size:
@@ -220,10 +249,15 @@ class Trainer:
         model_config = state["model_config"] if state else self.task.model_config()
         torch.manual_seed(cfg.seed)
         model = self.task.build_model(model_config)
-        wrapped = distributed.wrap_model(model, self.strategy, ctx, blocks=getattr(model, "fsdp_blocks", lambda: [])())
-        # after wrapping: under FSDP the EMA copies the sharded parameters (each rank averages its shard)
-        ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(cfg.ema_decay), use_buffers=True) \
-            if cfg.ema_decay is not None else None
+        ema = None
+        if cfg.ema_decay is not None and self.sharded:
+            # FSDP's modules cannot be deep-copied: the EMA copies the plain model and is then sharded as
+            # the model is, so each rank averages its own shard and no rank holds the full EMA
+            ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(cfg.ema_decay), use_buffers=True)
+            distributed.wrap_model(ema.module, "fsdp", ctx, blocks=_fsdp_blocks(ema.module))
+        wrapped = distributed.wrap_model(model, self.strategy, ctx, blocks=_fsdp_blocks(model))
+        if cfg.ema_decay is not None and not self.sharded:  # after wrapping: a copy on the model's device
+            ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(cfg.ema_decay), use_buffers=True)
         model_constants = non_persistent_buffers(model)
         ema_constants = non_persistent_buffers(ema.module) if ema is not None else []
         # fused: one kernel over all parameters; measured 7x faster than the foreach step on CPU for the
@@ -237,7 +271,7 @@ class Trainer:
                                  f"not {self.task.name!r}")
             _load_full_state(wrapped, optimizer, state["model"], state["optimizer"])
             if ema is not None and state.get("ema") is not None:
-                ema.load_state_dict(state["ema"])
+                _load_ema(ema, state["ema"], self.sharded)
             if hasattr(self.task, "load_state_dict") and state.get("task_state") is not None:
                 self.task.load_state_dict(state["task_state"][min(ctx.rank, len(state["task_state"]) - 1)])
             step = resumed_from = int(state["step"])
@@ -389,7 +423,7 @@ class Trainer:
     def _evaluate(self, writer, step: int, model: nn.Module) -> None:
         if not self.main or not hasattr(self.task, "evaluate"):
             return
-        if self.strategy == "fsdp" and self.ctx.world_size > 1:
+        if self.sharded and self.ctx.world_size > 1:
             return  # the EMA holds this rank's shards only; the stage's final evaluation runs on the full weights
         rng = _rng_state()
         was_training = model.training
@@ -415,6 +449,7 @@ class Trainer:
 
     def _save(self, step: int, wrapped: nn.Module, optimizer, ema, model_config: dict) -> str:
         model_sd, optim_sd = _full_state(wrapped, optimizer)
+        ema_sd = _full_ema_state(ema, self.sharded) if ema is not None else None  # a collective under FSDP
         rng = _gather(self.ctx, _rng_state())
         task_state = _gather(self.ctx, self.task.state_dict()) if hasattr(self.task, "state_dict") else None
         uri = storage.join(checkpoint_dir(self.out_dir), f"step-{step:08d}.pt")
@@ -422,7 +457,7 @@ class Trainer:
             state = {
                 "format": CHECKPOINT_FORMAT, "stage": self.task.name, "step": step,
                 "model_config": model_config, "model": model_sd, "optimizer": optim_sd,
-                "ema": ema.state_dict() if ema is not None else None,
+                "ema": ema_sd,
                 "train_config": self.cfg.model_dump(mode="json"),
                 "data_position": {"micro_batches": step * self.cfg.grad_accum, "micro_batch": self.micro_batch,
                                   "world_size": self.ctx.world_size},
