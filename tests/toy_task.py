@@ -32,7 +32,10 @@ class ToyTask:
         return {"d_in": D_IN, "hidden": 8, "d_out": D_OUT}
 
     def build_model(self, cfg: dict) -> nn.Module:
-        return nn.Sequential(nn.Linear(cfg["d_in"], cfg["hidden"]), nn.Tanh(), nn.Linear(cfg["hidden"], cfg["d_out"]))
+        model = nn.Sequential(nn.Linear(cfg["d_in"], cfg["hidden"]), nn.Tanh(), nn.Linear(cfg["hidden"], cfg["d_out"]))
+        # a floating-point buffer, as real models have (open_clip's attention mask): FSDP leaves buffers unsharded
+        model.register_buffer("scale", torch.ones(cfg["d_out"]))
+        return model
 
     def global_batch(self, index: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)

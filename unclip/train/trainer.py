@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import AveragedModel
 
 from unclip import storage
@@ -107,8 +108,11 @@ def ema_avg_fn(decay: float) -> Callable:
         n = float(num_averaged)
         d = min(decay, (1.0 + n) / (10.0 + n))
         floats = [(e, c) for e, c in zip(ema, current) if e.is_floating_point()]
-        if floats:
-            torch._foreach_lerp_([e for e, _ in floats], [c for _, c in floats], 1.0 - d)
+        # under FSDP the parameters are DTensors and the buffers plain tensors: one foreach call may not mix them
+        for sharded in (True, False):
+            group = [(e, c) for e, c in floats if isinstance(e, DTensor) == sharded]
+            if group:
+                torch._foreach_lerp_([e for e, _ in group], [c for _, c in group], 1.0 - d)
         for e, c in zip(ema, current):  # integer buffers (BatchNorm's step count) are copied
             if not e.is_floating_point():
                 e.copy_(c)
