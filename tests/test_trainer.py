@@ -19,7 +19,7 @@ import torch
 from unclip import storage
 from unclip.config import LaunchConfig, StageTrainConfig
 from unclip.train import trainer as tr
-from unclip.train.distributed import launch
+from unclip.train.distributed import LaunchError, launch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_task import ToyTask  # noqa: E402
@@ -282,6 +282,22 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     assert b["step"] == 10
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    # rank 0 alone is signalled during its 6th micro-batch; rank 1 learns of it through the step's
+    # all-reduce, and both take part in the exit checkpoint of step 6 (FSDP's gather is a collective)
+    cfg = _cfg(steps=12, checkpoint_every=4)
+    with pytest.raises(LaunchError):
+        launch(LaunchConfig(nproc_per_node=2, backend="gloo", strategy="fsdp"), "toy_task",
+               ["--out", str(tmp_path / "two"), "--config", cfg.model_dump_json(), "--strategy", "fsdp",
+                "--sigterm-at", "5"], log_path=str(tmp_path / "two.log"), env=ENV, timeout_s=120)
+    log = (tmp_path / "two.log").read_text()
+    assert "stopped by signal 15 at step 6" in log and "stopped by a signal to another process at step 6" in log
+    assert tr.load_step(str(tmp_path / "two")) == 6
+    state = tr.load_checkpoint(tr.latest_checkpoint(str(tmp_path / "two")))
+    assert state["step"] == 6 and len(state["rng"]) == 2
 
 
 def test_sigterm_writes_an_exit_checkpoint(tmp_path):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 from typing import Iterator
 
 import torch
@@ -22,10 +24,12 @@ D_IN, D_OUT = 6, 3
 class ToyTask:
     name = "toy"
 
-    def __init__(self, seed: int = 0, nan_at: int | None = None, stall_at: int | None = None) -> None:
+    def __init__(self, seed: int = 0, nan_at: int | None = None, stall_at: int | None = None,
+                 sigterm_at: int | None = None) -> None:
         self.seed = seed
         self.nan_at = nan_at  # the micro-batch index whose loss is NaN
         self.stall_at = stall_at  # the micro-batch index at which the process waits to be killed
+        self.sigterm_at = sigterm_at  # the micro-batch index at which rank 0 (only) sends itself SIGTERM
         self.seen = 0
 
     def model_config(self) -> dict:
@@ -58,6 +62,8 @@ class ToyTask:
 
             print("stalled", flush=True)
             time.sleep(600)
+        if self.sigterm_at is not None and index == self.sigterm_at and os.environ.get("RANK", "0") == "0":
+            os.kill(os.getpid(), signal.SIGTERM)
         self.seen += len(x)
         loss = nn.functional.mse_loss(model(x), y)
         if self.nan_at is not None and index >= self.nan_at:
@@ -77,13 +83,14 @@ def main() -> None:
     ap.add_argument("--config", required=True, help="StageTrainConfig as JSON")
     ap.add_argument("--strategy", default="ddp")
     ap.add_argument("--stall-at", type=int, default=None)
+    ap.add_argument("--sigterm-at", type=int, default=None)
     a = ap.parse_args()
     ctx = distributed.init("gloo")
     try:
         from unclip.train.trainer import Trainer
 
         cfg = StageTrainConfig.model_validate(json.loads(a.config))
-        Trainer(ToyTask(stall_at=a.stall_at), cfg, a.out, strategy=a.strategy, ctx=ctx).run()
+        Trainer(ToyTask(stall_at=a.stall_at, sigterm_at=a.sigterm_at), cfg, a.out, strategy=a.strategy, ctx=ctx).run()
     finally:
         distributed.cleanup()
 

@@ -291,7 +291,7 @@ class Trainer:
         window_n, t0, samples = 0, time.perf_counter(), 0
         last_ckpt = latest_checkpoint(self.out_dir)
         saved_step = step if last_ckpt else None  # the step the newest checkpoint holds
-        finished_cleanly = False
+        finished_cleanly = stopping = False
         try:
             wrapped.train()
             while step < cfg.steps:
@@ -310,7 +310,11 @@ class Trainer:
                     total += loss.detach().float() / cfg.grad_accum
                     for k, v in extra.items():
                         scalars[k] = scalars.get(k, 0.0) + float(v) / cfg.grad_accum
-                mean_loss = distributed.all_reduce_mean(total)
+                # the stop flag rides on the loss's all-reduce: every rank stops after the same step, however
+                # the signal reached them, so the exit checkpoint's collectives meet
+                reduced = distributed.all_reduce_mean(
+                    torch.stack([total, torch.tensor(float(stop["signal"] is not None), device=ctx.device)]))
+                mean_loss, stopping = reduced[0], bool(reduced[1] > 0)
                 if cfg.grad_clip is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 else:
@@ -344,7 +348,7 @@ class Trainer:
                     last_ckpt, saved_step = self._save(step, wrapped, optimizer, ema, model_config), step
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                     self._evaluate(writer, step, ema.module if ema is not None else model)
-                if stop["signal"] is not None:
+                if stopping:
                     raise _StopRequested()
             finished_cleanly = True
         except _StopRequested:
@@ -359,14 +363,15 @@ class Trainer:
             if self._saving is not None:  # a failing run still finishes writing its last good checkpoint
                 self._saving.join()
         # the exit checkpoint: after a finished step (a failed one left the last good one in place)
-        if finished_cleanly or stop["signal"] is not None:
+        if finished_cleanly or stopping:
             if saved_step != step:
                 last_ckpt = self._save(step, wrapped, optimizer, ema, model_config)
         self.wait_for_checkpoint()
         if writer is not None:
             writer.close()
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt(f"train.{self.task.name}: stopped by signal {stop['signal']} at step {step}; "
+        if stopping:
+            how = f"signal {stop['signal']}" if stop["signal"] is not None else "a signal to another process"
+            raise KeyboardInterrupt(f"train.{self.task.name}: stopped by {how} at step {step}; "
                                     f"checkpoint {last_ckpt}")
         self._progress(step, {"done": True})
         return TrainResult(step=step, checkpoint=last_ckpt or "", resumed_from=resumed_from)
