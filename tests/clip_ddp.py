@@ -1,6 +1,6 @@
-"""CLIP steps through the trainer on a fixed, seeded global batch, for the 2-process DDP test:
+"""CLIP steps through the trainer on a fixed, seeded global batch, for the 2-process DDP and FSDP test:
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 -m clip_ddp --out D --config JSON
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m clip_ddp --out D --config JSON [--strategy fsdp]
 
 Each process takes its contiguous slice of every global batch; open_clip's ClipLoss gathers the
 features of all processes with gradients, so 2 processes must train exactly as 1 on the whole batch.
@@ -38,18 +38,19 @@ class FixedBatchClip(ClipTask):
             index += 1
 
 
-def run(out: str, cfg: ClipTrainConfig, ctx=None) -> str:
-    return Trainer(FixedBatchClip(cfg, None), cfg, out, ctx=ctx).run().checkpoint
+def run(out: str, cfg: ClipTrainConfig, ctx=None, strategy: str = "ddp") -> str:
+    return Trainer(FixedBatchClip(cfg, None), cfg, out, strategy=strategy, ctx=ctx).run().checkpoint
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", required=True)
+    ap.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
     a = ap.parse_args()
     ctx = distributed.init("gloo")
     try:
-        run(a.out, ClipTrainConfig.model_validate_json(a.config), ctx)
+        run(a.out, ClipTrainConfig.model_validate_json(a.config), ctx, a.strategy)
     finally:
         distributed.cleanup()
 

@@ -25,11 +25,22 @@ B = 4  # rows per process in a 2-process run; the global batch is 2*B
 D_IN, D_HIDDEN, D_OUT = 5, 7, 3
 
 
+class Scale(nn.Module):
+    """A 0-d parameter, as open_clip's logit_scale: FSDP2 cannot shard it, wrap_model keeps it whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
 def build_model(seed: int) -> nn.Sequential:
     """The same weights in every process, without touching the caller's global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(D_IN, D_HIDDEN), nn.Tanh(), nn.Linear(D_HIDDEN, D_OUT))
+        return nn.Sequential(nn.Linear(D_IN, D_HIDDEN), nn.Tanh(), nn.Linear(D_HIDDEN, D_OUT), Scale())
 
 
 def global_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:

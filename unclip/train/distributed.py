@@ -189,7 +189,8 @@ def wrap_model(model: nn.Module, strategy: Literal["ddp", "fsdp"], ctx: DistCont
     holds all weights and gradients are averaged. 'fsdp' applies FSDP2 (``fully_shard``) in place and
     returns the same module: parameters and gradients become DTensors sharded across processes.
     Each module in ``blocks`` (e.g. the transformer layers) is sharded as its own unit first, so only
-    one block's full weights are gathered at a time; the rest of the model forms the root unit.
+    one block's full weights are gathered at a time; the rest of the model forms the root unit. 0-d
+    parameters, which FSDP2 cannot shard, are left out of it and kept whole, gradients averaged.
     Without a process group the model is returned unwrapped.
     """
     model = model.to(ctx.device)
@@ -204,7 +205,12 @@ def wrap_model(model: nn.Module, strategy: Literal["ddp", "fsdp"], ctx: DistCont
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     for block in blocks:
         fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    # FSDP2 cannot shard a 0-d parameter (open_clip's logit_scale): such scalars stay whole on every
+    # rank, as under DDP, and their gradients are averaged over the processes as backward makes them
+    scalars = {p for p in model.parameters() if p.ndim == 0 and p.requires_grad}
+    for p in scalars:
+        p.register_hook(all_reduce_mean)
+    fully_shard(model, mesh=mesh, ignored_params=scalars or None)
     return model
 
 

@@ -77,7 +77,9 @@ class TrainTask(Protocol):
         """The mean loss of a micro-batch and scalars to log (averaged over the logging window)."""
 
     # Optional: ``evaluate(model) -> dict[str, float]``, held-out metrics of the unwrapped (EMA when
-    # there is one) model in eval mode, called on rank 0 every ``eval_every`` steps.
+    # there is one) model in eval mode, called on rank 0 every ``eval_every`` steps; ``fsdp_blocks(model)
+    # -> list[nn.Module]``, the modules FSDP shards as units of their own (else the model's own
+    # ``fsdp_blocks()``); ``state_dict()`` / ``load_state_dict(state)``, the task's share of a checkpoint.
 
 
 @dataclass
@@ -188,10 +190,6 @@ def _load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_s
                    options=StateDictOptions(full_state_dict=True))
 
 
-def _fsdp_blocks(model: nn.Module) -> list[nn.Module]:
-    return getattr(model, "fsdp_blocks", lambda: [])()
-
-
 def _full_ema_state(ema: AveragedModel, sharded: bool) -> dict:
     """The EMA's state dict with full tensors on CPU (AveragedModel's keys: ``module.*`` and
     ``n_averaged``); under FSDP every rank must call it, and rank 0 gets the gathered weights."""
@@ -258,8 +256,8 @@ class Trainer:
             # FSDP's modules cannot be deep-copied: the EMA copies the plain model and is then sharded as
             # the model is, so each rank averages its own shard and no rank holds the full EMA
             ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(cfg.ema_decay), use_buffers=True)
-            distributed.wrap_model(ema.module, "fsdp", ctx, blocks=_fsdp_blocks(ema.module))
-        wrapped = distributed.wrap_model(model, self.strategy, ctx, blocks=_fsdp_blocks(model))
+            distributed.wrap_model(ema.module, "fsdp", ctx, blocks=self._fsdp_blocks(ema.module))
+        wrapped = distributed.wrap_model(model, self.strategy, ctx, blocks=self._fsdp_blocks(model))
         if cfg.ema_decay is not None and not self.sharded:  # after wrapping: a copy on the model's device
             ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(cfg.ema_decay), use_buffers=True)
         model_constants = non_persistent_buffers(model)
@@ -396,6 +394,13 @@ class Trainer:
         return model, state["model_config"], metrics
 
     # -- pieces --------------------------------------------------------------------------------------
+    def _fsdp_blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The modules FSDP shards as units of their own: the task's choice (``fsdp_blocks(model)``, for
+        models built elsewhere such as open_clip's), else the model's ``fsdp_blocks()``, else none."""
+        if hasattr(self.task, "fsdp_blocks"):
+            return self.task.fsdp_blocks(model)
+        return model.fsdp_blocks() if hasattr(model, "fsdp_blocks") else []
+
     def _writer(self):
         if not self.main:
             return None
