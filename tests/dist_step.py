@@ -53,7 +53,8 @@ def step(ctx: distributed.DistContext, strategy: str, seed: int) -> dict:
     if 2 * B % ctx.world_size:
         raise ValueError(f"the global batch of {2 * B} rows does not split over {ctx.world_size} processes")
     model = build_model(seed)
-    wrapped = distributed.wrap_model(model, strategy, ctx, blocks=[m for m in model if isinstance(m, nn.Linear)])
+    # the scalar's module is a block too: wrap_model keeps 0-d parameters out of every FSDP unit
+    wrapped = distributed.wrap_model(model, strategy, ctx, blocks=[m for m in model if isinstance(m, (nn.Linear, Scale))])
     x, y = global_batch(seed + 1)
     rows = 2 * B // ctx.world_size
     mine = slice(ctx.rank * rows, (ctx.rank + 1) * rows)

@@ -203,13 +203,15 @@ def wrap_model(model: nn.Module, strategy: Literal["ddp", "fsdp"], ctx: DistCont
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-    for block in blocks:
-        fully_shard(block, mesh=mesh)
     # FSDP2 cannot shard a 0-d parameter (open_clip's logit_scale): such scalars stay whole on every
-    # rank, as under DDP, and their gradients are averaged over the processes as backward makes them
-    scalars = {p for p in model.parameters() if p.ndim == 0 and p.requires_grad}
+    # rank, as under DDP, and the trainable ones' gradients are averaged over the processes as backward
+    # makes them
+    scalars = {p for p in model.parameters() if p.ndim == 0}
     for p in scalars:
-        p.register_hook(all_reduce_mean)
+        if p.requires_grad:
+            p.register_hook(all_reduce_mean)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, ignored_params=scalars or None)
     fully_shard(model, mesh=mesh, ignored_params=scalars or None)
     return model
 

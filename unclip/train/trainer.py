@@ -351,8 +351,10 @@ class Trainer:
             finished_cleanly = True
         except _StopRequested:
             pass
-        finally:
+        except BaseException:
             self._restore_signals(previous)
+            raise
+        finally:
             close = getattr(batches, "close", None)
             if close is not None:  # a task's reader threads and files end with the run, not at garbage collection
                 close()
@@ -360,11 +362,16 @@ class Trainer:
                 writer.flush()
             if self._saving is not None:  # a failing run still finishes writing its last good checkpoint
                 self._saving.join()
-        # the exit checkpoint: after a finished step (a failed one left the last good one in place)
-        if finished_cleanly or stopping:
-            if saved_step != step:
-                last_ckpt = self._save(step, wrapped, optimizer, ema, model_config)
-        self.wait_for_checkpoint()
+        try:
+            # the exit checkpoint: after a finished step (a failed one left the last good one in place);
+            # SIGTERM stays trapped until it is written, so a second signal cannot kill one process
+            # inside the collectives of the others
+            if finished_cleanly or stopping:
+                if saved_step != step:
+                    last_ckpt = self._save(step, wrapped, optimizer, ema, model_config)
+            self.wait_for_checkpoint()
+        finally:
+            self._restore_signals(previous)
         if writer is not None:
             writer.close()
         if stopping:
