@@ -201,6 +201,11 @@ def _full_ema_state(ema: AveragedModel, sharded: bool) -> dict:
     return {**{f"module.{k}": v for k, v in full.items()}, "n_averaged": ema.n_averaged.detach().cpu()}
 
 
+def _ema_module_state(state: dict) -> dict:
+    """The averaged network's weights from an EMA state dict (AveragedModel's keys: ``module.*``)."""
+    return {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
+
+
 def _load_ema(ema: AveragedModel, state: dict, sharded: bool) -> None:
     """Load ``_full_ema_state``'s dict; under FSDP each rank keeps its own shard of it."""
     if not sharded:
@@ -208,8 +213,7 @@ def _load_ema(ema: AveragedModel, state: dict, sharded: bool) -> None:
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(ema.module, {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")},
-                         options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(ema.module, _ema_module_state(state), options=StateDictOptions(full_state_dict=True))
     ema.n_averaged.copy_(state["n_averaged"])
 
 
@@ -251,15 +255,20 @@ class Trainer:
         model_config = state["model_config"] if state else self.task.model_config()
         torch.manual_seed(cfg.seed)
         model = self.task.build_model(model_config)
+        def new_ema() -> AveragedModel | None:
+            return AveragedModel(model, multi_avg_fn=ema_avg_fn(cfg.ema_decay), use_buffers=True) \
+                if cfg.ema_decay is not None else None
+
         ema = None
-        if cfg.ema_decay is not None and self.sharded:
+        if self.sharded:
             # FSDP's modules cannot be deep-copied: the EMA copies the plain model and is then sharded as
             # the model is, so each rank averages its own shard and no rank holds the full EMA
-            ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(cfg.ema_decay), use_buffers=True)
-            distributed.wrap_model(ema.module, "fsdp", ctx, blocks=self._fsdp_blocks(ema.module))
+            ema = new_ema()
+            if ema is not None:
+                distributed.wrap_model(ema.module, "fsdp", ctx, blocks=self._fsdp_blocks(ema.module))
         wrapped = distributed.wrap_model(model, self.strategy, ctx, blocks=self._fsdp_blocks(model))
-        if cfg.ema_decay is not None and not self.sharded:  # after wrapping: a copy on the model's device
-            ema = AveragedModel(model, multi_avg_fn=ema_avg_fn(cfg.ema_decay), use_buffers=True)
+        if not self.sharded:  # after wrapping: a copy on the model's device
+            ema = new_ema()
         model_constants = non_persistent_buffers(model)
         ema_constants = non_persistent_buffers(ema.module) if ema is not None else []
         # fused: one kernel over all parameters; measured 7x faster than the foreach step on CPU for the
@@ -388,8 +397,8 @@ class Trainer:
         ``evaluate`` now (empty when the task has none)."""
         state = load_checkpoint(result.checkpoint)
         model = self.task.build_model(state["model_config"])
-        if state.get("ema") is not None:  # AveragedModel's keys: module.*
-            model.load_state_dict({k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")})
+        if state.get("ema") is not None:
+            model.load_state_dict(_ema_module_state(state["ema"]))
         else:
             model.load_state_dict(state["model"])
         model.to(self.ctx.device).eval()
