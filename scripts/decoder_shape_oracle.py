@@ -20,11 +20,14 @@ at the decoder's side. ``--grid 2`` lays the scenes out on 2 x 2 cells (objects 
 ``--width`` the UNet's base width, ``--res-blocks`` its blocks a level, ``--t-dist lognormal`` draws
 training timesteps at EDM's noise levels; ``--eval-train`` also judges samples of training scenes, and
 the last evaluation is split into scenes with only large objects and scenes with a small one.
+``--layout`` simplifies the scenes (data, held-out scenes and judge alike) to ask what makes shapes
+hard: ``cell``, one large object in a random cell; ``centre``, one object of ``--radius`` at the centre.
 docs/training.md ("The decoder does not draw shapes even when its embedding names them") has the numbers.
 
     .venv/bin/python scripts/decoder_shape_oracle.py --cond oracle [--steps 1400] [--eval-every 700]
         [--captions] [--grid 2] [--snr-shift 16] [--image-size 32] [--width 64] [--res-blocks 2]
         [--t-dist lognormal] [--lr 4e-3] [--eval-train] [--out grid.png] [--save ema.safetensors]
+        [--layout cell | --layout centre --radius 0.4]
     .venv/bin/python scripts/decoder_shape_oracle.py --load ema.safetensors [--sampler ddpm] [--eta 1]
         [--sample-steps 250] [--guidance 1]    # the same scenes and judge; only the sampling differs
 """
@@ -49,10 +52,22 @@ from unclip.models.prior import trim_tokens
 from unclip.train import image, judge, trainer
 
 
-def render(n: int, rng: np.random.Generator, grid: int = 3) -> tuple[list[dict], list]:
+def render(n: int, rng: np.random.Generator, grid: int = 3, layout: str = "demo",
+           radius: float = 0.15) -> tuple[list[dict], list]:
+    """``n`` demo scenes and their 256 px renders. ``layout``: ``demo`` as the demo source draws them;
+    ``cell``, one large object in a random cell; ``centre``, one object of ``radius`` (a fraction of
+    the side) at the centre, within half a pixel at 16 px."""
     scenes, images = [], []
     for _ in range(n):
-        scene = ds._sample_scene(rng, 256, 256, "png", grid=grid)
+        scene = ds._sample_scene(rng, 256, 256, "png", max_kinds=3 if layout == "demo" else 1, grid=grid)
+        while layout == "cell" and scene["objects"][0]["size"] != "large":
+            scene = ds._sample_scene(rng, 256, 256, "png", max_kinds=1, grid=grid)
+        if layout == "centre":
+            obj = scene["objects"][0]
+            centre = grid // 2
+            obj.update(size="large", count=1, cell=[centre, centre], position=ds.POSITIONS_BY_GRID[grid][centre, centre])
+            obj["instances"] = [{"x": 128 + rng.uniform(-8, 8), "y": 128 + rng.uniform(-8, 8), "r": radius * 256,
+                                 "angle": 0.0 if obj["shape"] == "circle" else rng.uniform(-15, 15)}]
         scenes.append(scene)
         images.append(ds._render(scene, rng))
     return scenes, images
@@ -79,6 +94,9 @@ def main() -> None:
     ap.add_argument("--captions", action="store_true", help="condition on the dalle captions too")
     ap.add_argument("--grid", type=int, choices=sorted(ds.POSITIONS_BY_GRID), default=3,
                     help="objects on a grid x grid layout (the demo's: 3)")
+    ap.add_argument("--layout", choices=("demo", "cell", "centre"), default="demo",
+                    help="the demo's scenes; one large object in a random cell; one object at the centre")
+    ap.add_argument("--radius", type=float, default=0.15, help="--layout centre: the object's radius over the side")
     ap.add_argument("--image-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=1400)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -103,13 +121,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.layout == "centre" and args.grid != 3:
+        ap.error("--layout centre needs --grid 3 (a 2 x 2 grid has no centre cell)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     import open_clip
 
     rng = np.random.default_rng(args.seed)
-    scenes, pics = render(args.pairs, rng, args.grid)
-    scenes_t, pics_t = render(args.heldout, rng, args.grid)
+    scenes, pics = render(args.pairs, rng, args.grid, args.layout, args.radius)
+    scenes_t, pics_t = render(args.heldout, rng, args.grid, args.layout, args.radius)
     pre = image.DecoderPreprocess(args.image_size)
     x, xt = torch.stack([pre(p) for p in pics]), torch.stack([pre(p) for p in pics_t])
     z, zt = condition(scenes, args.cond), condition(scenes_t, args.cond)
@@ -118,7 +138,7 @@ def main() -> None:
     tokens, tokens_t = open_clip.tokenize(caps), open_clip.tokenize(caps_t)
 
     # the judge: trained on other real renders at its own side, as eval_generation's
-    judge_scenes, judge_pics = render(800, rng, args.grid)
+    judge_scenes, judge_pics = render(800, rng, args.grid, args.layout, args.radius)
     jx = torch.stack([image.DecoderPreprocess(judge.JUDGE_SIZE)(p) for p in judge_pics])
     labels = [judge.scene_labels(s) for s in judge_scenes]
     jd = judge.train_judge(jx, torch.from_numpy(np.stack([c for c, _ in labels])),
@@ -200,6 +220,8 @@ def main() -> None:
         save_file({k: v.detach().contiguous().clone() for k, v in ema.module.state_dict().items()}, args.save)
     large = [i for i, sc in enumerate(scenes_t) if all(o["size"] == "large" for o in sc["objects"])]
     for name, keep in (("only large objects", large), ("a small object", sorted(set(range(len(xt))) - set(large)))):
+        if not keep:
+            continue
         judged(f"real, {len(keep)} scenes with {name}", xt[keep], [caps_t[i] for i in keep])
         judged(f"decoder, {len(keep)} scenes with {name}", samples[keep], [caps_t[i] for i in keep])
     if args.out:  # the first 16 held-out scenes, real above generated, at 4x
