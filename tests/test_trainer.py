@@ -22,7 +22,7 @@ from unclip.train import trainer as tr
 from unclip.train.distributed import LaunchError, launch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from toy_task import ToyTask  # noqa: E402
+from toy_task import EvalToyTask, ToyTask  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
@@ -132,14 +132,12 @@ def test_resume_continues_to_the_same_weights(tmp_path):
     assert len(glob.glob(str(tmp_path / "cut" / "checkpoints" / "*.pt"))) == 2  # keep_checkpoints
 
 
-class _EvalToy(ToyTask):
-    """ToyTask with a held-out evaluation that draws from the global RNGs, as a real one may."""
+class _EvalToy(EvalToyTask):
+    """A held-out evaluation that also draws from the global RNGs, as a real one may."""
 
     def evaluate(self, model):
-        x, y = self.global_batch(10_000, 64)
         noise = torch.randn(1).item()  # would shift every later draw if the trainer did not restore the RNG
-        with torch.no_grad():
-            return {"mse": float(torch.nn.functional.mse_loss(model(x), y)), "noise": noise, "label": "not a number"}
+        return {**super().evaluate(model), "noise": noise, "label": "not a number"}
 
 
 class _Masked(torch.nn.Module):
@@ -231,14 +229,20 @@ def test_batch_must_split_over_processes_and_accumulation():
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(strategy, tmp_path):
-    cfg = _cfg(steps=4, checkpoint_every=2)
-    one = tr.Trainer(ToyTask(), cfg, str(tmp_path / "one")).run()
-    a = tr.load_checkpoint(one.checkpoint)
+    cfg = _cfg(steps=4, checkpoint_every=2, eval_every=2)
+    one = tr.Trainer(EvalToyTask(), cfg, str(tmp_path / "one"))
+    a = tr.load_checkpoint(one.run().checkpoint)
 
     def two_processes(ema_shift: float = 0.0) -> None:
         launch(LaunchConfig(nproc_per_node=2, backend="gloo", strategy=strategy), "toy_task",
-               ["--out", str(tmp_path / "two"), "--config", cfg.model_dump_json(), "--strategy", strategy],
-               log_path=str(tmp_path / "two.log"), env=ENV, timeout_s=180)
+               ["--out", str(tmp_path / "two"), "--config", cfg.model_dump_json(), "--strategy", strategy,
+                "--evaluate"], log_path=str(tmp_path / "two.log"), env=ENV, timeout_s=180)
+        # the evaluations during training, of the EMA's full weights (under FSDP gathered from the shards)
+        history = json.loads((tmp_path / "two" / "eval_history.json").read_text())
+        assert [e["step"] for e in history] == [2, 4]
+        if not ema_shift:
+            for e, want in zip(history, one.eval_history()):
+                assert e["mse"] == pytest.approx(want["mse"], rel=1e-5, abs=1e-7), e
         b = tr.load_checkpoint(tr.latest_checkpoint(str(tmp_path / "two")))
         assert b["step"] == 4 and b["data_position"]["world_size"] == 2 and len(b["rng"]) == 2
         for part, shift in (("model", 0.0), ("ema", ema_shift)):  # full tensors, not one rank's FSDP shards

@@ -77,6 +77,15 @@ class ToyTask:
         self.seen = state["seen"]
 
 
+class EvalToyTask(ToyTask):
+    """ToyTask with a held-out evaluation: the model's error on a fixed batch."""
+
+    def evaluate(self, model: nn.Module) -> dict:
+        x, y = self.global_batch(10_000, 64)
+        with torch.no_grad():
+            return {"mse": float(nn.functional.mse_loss(model(x), y))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -84,13 +93,15 @@ def main() -> None:
     ap.add_argument("--strategy", default="ddp")
     ap.add_argument("--stall-at", type=int, default=None)
     ap.add_argument("--sigterm-at", type=int, default=None)
+    ap.add_argument("--evaluate", action="store_true", help="a task with a held-out evaluation")
     a = ap.parse_args()
     ctx = distributed.init("gloo")
     try:
         from unclip.train.trainer import Trainer
 
         cfg = StageTrainConfig.model_validate(json.loads(a.config))
-        Trainer(ToyTask(stall_at=a.stall_at, sigterm_at=a.sigterm_at), cfg, a.out, strategy=a.strategy, ctx=ctx).run()
+        task = (EvalToyTask if a.evaluate else ToyTask)(stall_at=a.stall_at, sigterm_at=a.sigterm_at)
+        Trainer(task, cfg, a.out, strategy=a.strategy, ctx=ctx).run()
     finally:
         distributed.cleanup()
 

@@ -190,14 +190,20 @@ def _load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_s
                    options=StateDictOptions(full_state_dict=True))
 
 
+def _full_model_state(model: nn.Module) -> dict:
+    """An FSDP-sharded module's state dict gathered into full tensors on CPU: a collective that every
+    rank must call; rank 0 gets the weights, the others an empty dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def _full_ema_state(ema: AveragedModel, sharded: bool) -> dict:
     """The EMA's state dict with full tensors on CPU (AveragedModel's keys: ``module.*`` and
     ``n_averaged``); under FSDP every rank must call it, and rank 0 gets the gathered weights."""
     if not sharded:
         return ema.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(ema.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = _full_model_state(ema.module)
     return {**{f"module.{k}": v for k, v in full.items()}, "n_averaged": ema.n_averaged.detach().cpu()}
 
 
@@ -354,7 +360,7 @@ class Trainer:
                 if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     last_ckpt, saved_step = self._save(step, wrapped, optimizer, ema, model_config), step
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    self._evaluate(writer, step, ema.module if ema is not None else model)
+                    self._evaluate(writer, step, ema.module if ema is not None else model, model_config)
                 if stopping:
                     raise _StopRequested()
             finished_cleanly = True
@@ -450,19 +456,32 @@ class Trainer:
         if self.main and storage.exists(uri):
             storage.write_json(uri, [e for e in storage.read_json(uri) if e["step"] <= step])
 
-    def _evaluate(self, writer, step: int, model: nn.Module) -> None:
-        if not self.main or not hasattr(self.task, "evaluate"):
+    def _evaluate(self, writer, step: int, model: nn.Module, model_config: dict) -> None:
+        """The task's held-out evaluation of ``model`` (the EMA's network, else the live one) on rank 0,
+        logged and appended to the eval history; the training's RNG streams are left as they were."""
+        if not hasattr(self.task, "evaluate"):
             return
+        full = None
         if self.sharded and self.ctx.world_size > 1:
-            return  # the EMA holds this rank's shards only; the stage's final evaluation runs on the full weights
+            # each rank holds shards of the weights: every rank takes part in gathering them (onto rank 0's
+            # CPU, as a checkpoint does), and rank 0 evaluates a plain copy, as the stage's release does
+            full = _full_model_state(model)
+        if not self.main:
+            return
         rng = _rng_state()
-        was_training = model.training
-        model.eval()
         t0 = time.perf_counter()
         try:
-            metrics = {k: float(v) for k, v in self.task.evaluate(model).items() if isinstance(v, (int, float))}
+            if full is not None:
+                model = self.task.build_model(model_config)
+                model.load_state_dict(full)
+                model.to(self.ctx.device)
+            was_training = model.training
+            model.eval()
+            try:
+                metrics = {k: float(v) for k, v in self.task.evaluate(model).items() if isinstance(v, (int, float))}
+            finally:
+                model.train(was_training)
         finally:
-            model.train(was_training)
             _set_rng_state(rng)
         if not metrics:  # nothing held out to evaluate on
             return
