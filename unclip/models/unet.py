@@ -300,8 +300,14 @@ class Decoder(UNet):
         self.null_text = nn.Parameter(torch.empty(w))  # the pooled caption's stand-in when it is dropped
         self.clip_to_emb = nn.Linear(cfg.embed_dim, emb_dim)
         self.clip_to_tokens = nn.Linear(cfg.embed_dim, cfg.clip_tokens * w)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
+        # Unit-scale token embeddings (nn.Embedding's own init), not CLIP's 0.02: in this pre-norm stack the
+        # residual stream starts as the embeddings, and at 0.02 the blocks' learned biases outgrow them
+        # within ~200 steps, after which the final LayerNorm leaves almost nothing of the caption (measured
+        # on the tiny decoder: two captions differing in their colour word pooled 0.004 of a norm apart
+        # after 200 steps, against 0.07 at 1.0; the demo decoder's samples ignored their captions, a wrong
+        # one serving as well as the right one). tests/test_unet.py; docs/training.md.
+        nn.init.normal_(self.token_embedding.weight, std=1.0)
+        nn.init.normal_(self.positional_embedding, std=0.5)
         nn.init.normal_(self.null_text, std=0.02)
 
     def encode_text(self, tokens: torch.Tensor, drop_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
