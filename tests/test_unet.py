@@ -133,8 +133,7 @@ def test_fsdp_blocks_cover_the_heavy_layers():
     assert outside < 0.1 * unet.count_parameters(model)
 
 
-
-
+@pytest.mark.slow
 def test_training_keeps_the_captions_content_in_the_text_encoder():
     # Caption only (no CLIP embedding), one demo object at the centre, the demo's captions, the demo
     # decoder's lr and batch. With CLIP's 0.02 token-embedding init the text blocks' learned biases

@@ -78,7 +78,18 @@ class ToyTask:
 
 
 class EvalToyTask(ToyTask):
-    """ToyTask with a held-out evaluation: the model's error on a fixed batch."""
+    """ToyTask with a held-out evaluation: the model's error on a fixed batch. Its ``build_model`` keeps
+    the model it builds, as the image stages' task does: the trainer must not let an evaluation copy
+    replace it."""
+
+    def build_model(self, cfg: dict) -> nn.Module:
+        self.built = super().build_model(cfg)
+        return self.built
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        if self.built is not getattr(model, "module", model):
+            raise RuntimeError("the task's model is not the one being trained")
+        return super().loss(model, batch)
 
     def evaluate(self, model: nn.Module) -> dict:
         x, y = self.global_batch(10_000, 64)

@@ -472,8 +472,14 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             if full is not None:
+                # a task's build_model may keep what it builds (ImageTask.net, CLIP's transforms): the
+                # training's must stay, so the task's attributes are put back before it evaluates
+                saved = dict(vars(self.task))
                 model = self.task.build_model(model_config)
+                vars(self.task).clear()
+                vars(self.task).update(saved)
                 model.load_state_dict(full)
+                del full
                 model.to(self.ctx.device)
             was_training = model.training
             model.eval()
