@@ -154,7 +154,8 @@ class _Masked(torch.nn.Module):
 
 class _MaskedEvalToy(_EvalToy):
     def build_model(self, cfg):
-        return torch.nn.Sequential(super().build_model(cfg), _Masked(cfg["d_out"]))
+        self.built = torch.nn.Sequential(super().build_model(cfg), _Masked(cfg["d_out"]))
+        return self.built
 
 
 def test_the_ema_copies_constant_buffers_instead_of_averaging_them(tmp_path):
