@@ -402,12 +402,8 @@ class Trainer:
         held-out metrics: the trainer's evaluation at the final step when it made one, else the task's
         ``evaluate`` now (empty when the task has none)."""
         state = load_checkpoint(result.checkpoint)
-        model = self.task.build_model(state["model_config"])
-        if state.get("ema") is not None:
-            model.load_state_dict(_ema_module_state(state["ema"]))
-        else:
-            model.load_state_dict(state["model"])
-        model.to(self.ctx.device).eval()
+        weights = _ema_module_state(state["ema"]) if state.get("ema") is not None else state["model"]
+        model = self._plain_model(state["model_config"], weights).eval()
         history = self.eval_history()
         if history and history[-1]["step"] == result.step:
             metrics = {k: v for k, v in history[-1].items() if k not in ("step", "seconds")}
@@ -416,6 +412,12 @@ class Trainer:
         return model, state["model_config"], metrics
 
     # -- pieces --------------------------------------------------------------------------------------
+    def _plain_model(self, model_config: dict, weights: dict) -> nn.Module:
+        """The task's network, unwrapped, with ``weights`` (full tensors), on this process's device."""
+        model = self.task.build_model(model_config)
+        model.load_state_dict(weights)
+        return model.to(self.ctx.device)
+
     def _fsdp_blocks(self, model: nn.Module) -> list[nn.Module]:
         """The modules FSDP shards as units of their own: the task's choice (``fsdp_blocks(model)``, for
         models built elsewhere such as open_clip's), else the model's ``fsdp_blocks()``, else none."""
@@ -475,12 +477,10 @@ class Trainer:
                 # a task's build_model may keep what it builds (ImageTask.net, CLIP's transforms): the
                 # training's must stay, so the task's attributes are put back before it evaluates
                 saved = dict(vars(self.task))
-                model = self.task.build_model(model_config)
+                model = self._plain_model(model_config, full)
                 vars(self.task).clear()
                 vars(self.task).update(saved)
-                model.load_state_dict(full)
                 del full
-                model.to(self.ctx.device)
             was_training = model.training
             model.eval()
             try:
