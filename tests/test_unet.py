@@ -68,6 +68,33 @@ def test_the_decoder_maps_noise_and_conditioning_to_an_image_and_uses_both():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_attention_with_context_matches_its_definition_and_runs_on_the_fused_kernel():
+    """The UNet's attention is softmax(q k^T / sqrt(d)) v over the positions and the usable context
+    tokens, and it reaches a fused kernel (flash; a transposed q, k, v would fall back to the unfused
+    math kernel, which has no such restriction and is several times slower on a GPU)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    n, c, side, heads, ctx_w, length = 2, 64, 4, 2, 24, 5
+    block = _randomised(unet.AttentionBlock(c, c // heads, ctx_w)).eval()
+    x, tokens = torch.randn(n, c, side, side), torch.randn(n, length, ctx_w)
+    usable = torch.ones(n, length, dtype=torch.bool)
+    usable[0, 2:] = False
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        got = block(x, None, (tokens, usable))
+
+        d = c // heads
+        q, k, v = block.qkv(block.norm(x).reshape(n, c, -1)).reshape(n, 3, heads, d, -1).unbind(1)  # [N, H, d, P]
+        ck, cv = block.context_kv(tokens).transpose(1, 2).reshape(n, 2, heads, d, length).unbind(1)
+        k, v = torch.cat([ck, k], -1), torch.cat([cv, v], -1)
+        scores = torch.einsum("nhdp,nhdl->nhpl", q, k) / d**0.5
+        allowed = torch.cat([usable, torch.ones(n, side * side, dtype=torch.bool)], 1)[:, None, None, :]
+        w = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        a = torch.einsum("nhpl,nhdl->nhdp", w, v).reshape(n, c, -1)
+        want = x + block.proj(a).reshape(n, c, side, side)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_a_fresh_model_predicts_zero_noise():
     # guided-diffusion's zero-initialised output layer: training starts from the mean prediction
     model = unet.Upsampler(unet.FLAVOURS["tiny"]["upsampler1"])

@@ -161,17 +161,21 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: tuple | None = None) -> torch.Tensor:
         n, c, hgt, wdt = x.shape
         h = self.heads
-        q, k, v = self.qkv(self.norm(x).reshape(n, c, -1)).reshape(n, 3, h, c // h, -1).unbind(1)  # [N, H, C/H, P]
+        # q, k, v as [N, H, P, C/H] with the channels contiguous: the fused attention kernels (flash,
+        # memory-efficient; on CPU too) need the last dim's stride to be 1, and a transposed view of the
+        # conv's [N, C, P] output falls back to the unfused math kernel (measured on an H200: 37% of a
+        # width-256 decoder's step in that kernel and its backward; docs/benchmarks.md)
+        qkv = self.qkv(self.norm(x).reshape(n, c, -1)).reshape(n, 3, h, c // h, -1).transpose(-1, -2).contiguous()
+        q, k, v = qkv.unbind(1)
         mask = None
         if self.context_kv is not None and context is not None:
             tokens, usable = context
-            ck, cv = self.context_kv(tokens).transpose(1, 2).reshape(n, 2, h, c // h, -1).unbind(1)
-            k, v = torch.cat([ck, k], dim=-1), torch.cat([cv, v], dim=-1)
+            ck, cv = self.context_kv(tokens).reshape(n, -1, 2, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
+            k, v = torch.cat([ck, k], dim=-2), torch.cat([cv, v], dim=-2)
             positions = torch.ones(n, hgt * wdt, dtype=torch.bool, device=x.device)
             mask = torch.cat([usable, positions], dim=1)[:, None, None, :]  # [N, 1, 1, L + P]
-        a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2),
-                                           attn_mask=mask)  # [N, H, P, C/H]
-        return x + self.proj(a.permute(0, 1, 3, 2).reshape(n, c, -1)).reshape(n, c, hgt, wdt)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [N, H, P, C/H]
+        return x + self.proj(a.transpose(-1, -2).reshape(n, c, -1)).reshape(n, c, hgt, wdt)
 
 
 class Downsample(nn.Module):
