@@ -31,10 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from unclip.models import unet  # noqa: E402
+from unclip.models import unet
 
 
 def config(size: str) -> unet.DecoderConfig:
@@ -107,7 +107,7 @@ def measure(size: str, b: int, args, dev: torch.device, compiled: bool, log) -> 
                 _eager_step(run)
             flops = counter.get_total_flops()
             t0 = time.perf_counter()
-            warm = timed(run, 3 if not compiled else 5)
+            timed(run, 3 if not compiled else 5)  # warm-up
             warm_s = time.perf_counter() - t0
             times = timed(run, args.steps)
             break
@@ -145,7 +145,8 @@ def _eager_step(run: Run) -> None:
 
 
 def profile(run: Run, log) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.dev.type == "cuda" else [])
     with torch_profile(activities=acts) as prof:
