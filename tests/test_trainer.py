@@ -91,6 +91,21 @@ def test_training_reduces_loss_and_clips(tmp_path):
     assert json.loads((tmp_path / "progress.json").read_text())["step"] == 40
 
 
+def test_compiled_steps_train_the_same_weights_and_checkpoint_the_plain_names(tmp_path):
+    """``compile``: the loss's forward and backward go through torch.compile (graphs are compiled), the
+    weights follow the eager run's, and the checkpoint's names are the module's own (no ``_orig_mod``)."""
+    torch._dynamo.reset()
+    eager = tr.Trainer(ToyTask(), _cfg(steps=4), str(tmp_path / "eager")).run()
+    compiled = tr.Trainer(ToyTask(), _cfg(steps=4, compile=True), str(tmp_path / "compiled")).run()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert eager.step == compiled.step == 4
+    a, b = tr.load_checkpoint(eager.checkpoint), tr.load_checkpoint(compiled.checkpoint)
+    assert list(a["model"]) == list(b["model"]) and list(a["ema"]) == list(b["ema"])
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()
+
+
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     a = tr.Trainer(ToyTask(), _cfg(steps=3, grad_accum=1, ema_decay=None), str(tmp_path / "a")).run()
     b = tr.Trainer(_SplitToy(), _cfg(steps=3, grad_accum=2, ema_decay=None), str(tmp_path / "b")).run()

@@ -10,6 +10,7 @@ micro-batches that can start at a given position, and its loss. Everything else 
 - EMA weights through ``torch.optim.swa_utils.AveragedModel`` (with a warmed-up decay, so short runs
   are not dominated by the initialisation), sharded as the model is under FSDP;
 - bf16 autocast on CUDA, fp32 on CPU; DDP or FSDP applied from outside by ``distributed.wrap_model``;
+  optionally ``torch.compile`` around the training steps' forward and backward (``compile``);
 - a self-describing checkpoint every ``checkpoint_every`` steps and at exit: model config, weights,
   EMA, optimiser, step, data position, every rank's RNG states and task state (e.g. its position in
   the data stream) and the lineage (dataset, PCA and
@@ -275,6 +276,9 @@ class Trainer:
         wrapped = distributed.wrap_model(model, self.strategy, ctx, blocks=self._fsdp_blocks(model))
         if not self.sharded:  # after wrapping: a copy on the model's device
             ema = new_ema()
+        # what the task's loss calls: the wrapped model, compiled when asked; its parameters, state dict and
+        # no_sync are the wrapped model's, so nothing else sees the compilation
+        step_model = torch.compile(wrapped) if cfg.compile else wrapped
         model_constants = non_persistent_buffers(model)
         ema_constants = non_persistent_buffers(ema.module) if ema is not None else []
         # fused: one kernel over all parameters; measured 7x faster than the foreach step on CPU for the
@@ -318,7 +322,7 @@ class Trainer:
                     # DDP syncs gradients on the last micro-batch only
                     sync = micro == cfg.grad_accum - 1 or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
                     with (wrapped.no_sync() if not sync else contextlib.nullcontext()), autocast:
-                        loss, extra = self.task.loss(wrapped, batch)
+                        loss, extra = self.task.loss(step_model, batch)
                         (loss / cfg.grad_accum).backward()
                     total += loss.detach().float() / cfg.grad_accum
                     for k, v in extra.items():
