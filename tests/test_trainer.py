@@ -334,3 +334,8 @@ def test_sigterm_writes_an_exit_checkpoint(tmp_path):
         tr.Trainer(task, _cfg(), str(tmp_path)).run()
     assert tr.load_step(str(tmp_path)) == 6
     time.sleep(0)
+    # a signal during the last step: every step ran, the message says so, and a resume only returns
+    task = ToyTask(sigterm_at=11)
+    with pytest.raises(KeyboardInterrupt, match=r"after its last step \(12\): training is complete"):
+        tr.Trainer(task, _cfg(), str(tmp_path / "last")).run()
+    assert tr.Trainer(ToyTask(), _cfg(), str(tmp_path / "last")).run().step == 12

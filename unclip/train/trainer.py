@@ -395,8 +395,9 @@ class Trainer:
             writer.close()
         if stopping:
             how = f"signal {stop['signal']}" if stop["signal"] is not None else "a signal to another process"
-            raise KeyboardInterrupt(f"train.{self.task.name}: stopped by {how} at step {step}; "
-                                    f"checkpoint {last_ckpt}")
+            when = f"after its last step ({step}): training is complete, and resuming the run goes on from " \
+                   f"there" if step == cfg.steps else f"at step {step}"
+            raise KeyboardInterrupt(f"train.{self.task.name}: stopped by {how} {when}; checkpoint {last_ckpt}")
         self._progress(step, {"done": True})
         return TrainResult(step=step, checkpoint=last_ckpt or "", resumed_from=resumed_from)
 
