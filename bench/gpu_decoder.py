@@ -7,11 +7,13 @@ Each size is a decoder at the paper's 64 px: a number is the UNet's base width (
 its text Transformer 12 layers of width max(512, 2 x width)); ``paper`` is the paper's 3.5B decoder
 exactly as ``unet.FLAVOURS["paper"]["decoder"]`` defines it (width 512, text 24 x 2048). A step is
 the trainer's: bf16 autocast, the diffusion loss with the configured caption and embedding drops,
-backward, global-norm clipping, fused AdamW; inputs are random (77-token captions with 20 used
-tokens, unit-norm 1024-d embeddings), since the data path is measured by bench/bench_images.py.
+backward, global-norm clipping, fused AdamW; inputs are random (unit-norm 1024-d embeddings, captions
+of 20 tokens padded to the full 77: the trainer cuts a batch's captions to its longest, so the text
+Transformer's share here is an upper bound), since the data path is measured by bench/bench_images.py.
 
 FLOPs per step are counted once with ``torch.utils.flop_counter`` (the network's forward and backward;
-the optimiser's are not model FLOPs); MFU = achieved FLOP/s / the GPU's dense bf16 peak
+the optimiser's are not model FLOPs; a fused attention's backward is counted with the recomputation of
+its scores, about 1% of the decoder's total); MFU = achieved FLOP/s / the GPU's dense bf16 peak
 (``--peak-tflops``: 989 for an H100/H200 SXM by the datasheet; about 790 was measured on this
 workplace's H200 for a large bf16 matmul). Steps are timed with CUDA events after warm-up, median
 of ``--steps`` single-step timings. ``--compile`` adds each size under ``torch.compile``;
@@ -114,6 +116,7 @@ def measure(size: str, b: int, args, dev: torch.device, compiled: bool, log) -> 
         except torch.OutOfMemoryError:
             run = None
             torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()  # the peak reported is the batch that fits
             if b == 1:
                 raise
             log(f"  {size}: batch {b} does not fit; halving")

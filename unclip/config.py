@@ -315,9 +315,9 @@ class StageTrainConfig(_Strict):
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes decoding images per process.")
     compile: bool = Field(
         False, description="Run the training steps' forward and backward through torch.compile (the optimiser, EMA, "
-        "checkpoints and evaluations use the module itself). For GPU runs: 1.5x a 576M decoder's step on an H200, "
-        "after 215 s of compilation at start (docs/benchmarks.md); off in the demo, where compiling costs more than "
-        "it saves.")
+        "checkpoints and evaluations use the module itself). For GPU runs: 1.5x a 576M decoder's step on an H200 "
+        "before the UNet attention fix, unmeasured since, after 215 s of compilation at start (docs/benchmarks.md); "
+        "off in the demo, where compiling costs more than it saves.")
 
     @model_validator(mode="after")
     def _budget(self) -> "StageTrainConfig":
