@@ -282,6 +282,20 @@ def test_two_processes_match_one_process(strategy, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_compiled_steps_under_two_processes_match_one_eager_process(strategy, tmp_path):
+    ref = tr.load_checkpoint(tr.Trainer(ToyTask(), _cfg(steps=4), str(tmp_path / "one")).run().checkpoint)
+    cfg = _cfg(steps=4, compile=True)
+    launch(LaunchConfig(nproc_per_node=2, backend="gloo", strategy=strategy), "toy_task",
+           ["--out", str(tmp_path / "two"), "--config", cfg.model_dump_json(), "--strategy", strategy],
+           log_path=str(tmp_path / "two.log"), env=ENV, timeout_s=300)
+    got = tr.load_checkpoint(tr.latest_checkpoint(str(tmp_path / "two")))
+    assert got["step"] == 4 and list(got["model"]) == list(ref["model"])
+    for k in ref["model"]:
+        torch.testing.assert_close(got["model"][k], ref["model"][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     cfg = _cfg(steps=10, checkpoint_every=3)
     ref = tr.Trainer(ToyTask(), cfg, str(tmp_path / "ref")).run()
