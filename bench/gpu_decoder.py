@@ -60,7 +60,8 @@ class Run:
         self.diffusion = self.model.diffusion()
         self.b, self.dev, self.cfg = b, dev, cfg
 
-    def step(self) -> None:
+    def step(self, eager: bool = False) -> None:
+        """One training step; ``eager`` runs the uncompiled module (the FLOP counter sees its aten ops)."""
         b, dev, cfg = self.b, self.dev, self.cfg
         tokens = torch.randint(1, 49000, (b, cfg.text_ctx), device=dev)
         tokens[:, 20:] = 0
@@ -70,7 +71,8 @@ class Run:
                   "drop_image": torch.rand(b, device=dev) < cfg.image_drop}
         x0 = torch.rand(b, 3, cfg.image_size, cfg.image_size, device=dev) * 2 - 1
         with torch.autocast(dev.type, dtype=torch.bfloat16):
-            loss = self.diffusion.training_loss(self.net, x0, self.diffusion.sample_timesteps(b, device=dev),
+            net = self.model if eager else self.net
+            loss = self.diffusion.training_loss(net, x0, self.diffusion.sample_timesteps(b, device=dev),
                                                 model_kwargs=kwargs).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -105,8 +107,8 @@ def measure(size: str, b: int, args, dev: torch.device, compiled: bool, log) -> 
         try:
             run = Run(cfg, b, dev, compiled)
             counter = FlopCounterMode(display=False)
-            with counter:  # eager: the counter sees the aten ops (under compile it would see none)
-                _eager_step(run)
+            with counter:
+                run.step(eager=True)
             flops = counter.get_total_flops()
             t0 = time.perf_counter()
             timed(run, 3 if not compiled else 5)  # warm-up
@@ -137,14 +139,6 @@ def measure(size: str, b: int, args, dev: torch.device, compiled: bool, log) -> 
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-
-def _eager_step(run: Run) -> None:
-    net, run.net = run.net, run.model
-    try:
-        run.step()
-    finally:
-        run.net = net
 
 
 def profile(run: Run, log) -> None:
