@@ -59,15 +59,12 @@ def render(n: int, rng: np.random.Generator, grid: int = 3, layout: str = "demo"
     the side) at the centre, within half a pixel at 16 px."""
     scenes, images = [], []
     for _ in range(n):
-        scene = ds._sample_scene(rng, 256, 256, "png", max_kinds=3 if layout == "demo" else 1, grid=grid)
+        if layout == "centre":  # main() allows it with the 3 x 3 grid only
+            scene = ds.centred_scene(rng, radius)
+        else:
+            scene = ds._sample_scene(rng, 256, 256, "png", max_kinds=3 if layout == "demo" else 1, grid=grid)
         while layout == "cell" and scene["objects"][0]["size"] != "large":
             scene = ds._sample_scene(rng, 256, 256, "png", max_kinds=1, grid=grid)
-        if layout == "centre":
-            obj = scene["objects"][0]
-            centre = grid // 2
-            obj.update(size="large", count=1, cell=[centre, centre], position=ds.POSITIONS_BY_GRID[grid][centre, centre])
-            obj["instances"] = [{"x": 128 + rng.uniform(-8, 8), "y": 128 + rng.uniform(-8, 8), "r": radius * 256,
-                                 "angle": 0.0 if obj["shape"] == "circle" else rng.uniform(-15, 15)}]
         scenes.append(scene)
         images.append(ds._render(scene, rng))
     return scenes, images

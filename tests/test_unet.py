@@ -178,11 +178,7 @@ def test_training_keeps_the_captions_content_in_the_text_encoder():
     rng = np.random.default_rng(0)
     scenes, pics = [], []
     for _ in range(600):
-        sc = ds._sample_scene(rng, 256, 256, "png", max_kinds=1)
-        obj = sc["objects"][0]
-        obj.update(size="large", count=1, cell=[1, 1], position="in the centre")
-        obj["instances"] = [{"x": 128 + rng.uniform(-8, 8), "y": 128 + rng.uniform(-8, 8), "r": 64.0,
-                             "angle": 0.0 if obj["shape"] == "circle" else rng.uniform(-15, 15)}]
+        sc = ds.centred_scene(rng, radius=0.25)
         scenes.append(sc)
         pics.append(ds._render(sc, rng))
     pre = image.DecoderPreprocess(16)

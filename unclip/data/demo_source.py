@@ -269,6 +269,18 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> l
     return [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in pts]
 
 
+def centred_scene(rng: np.random.Generator, radius: float = 0.15) -> dict:
+    """A 256 px scene of one object at the centre (``radius``: a fraction of the side), within half a pixel
+    at 16 px: the simplest scene, for probing what the decoder can draw (tests/test_unet.py,
+    scripts/decoder_shape_oracle.py ``--layout centre``)."""
+    scene = _sample_scene(rng, 256, 256, "png", max_kinds=1)
+    obj = scene["objects"][0]
+    obj.update(size="large", count=1, cell=[1, 1], position=POSITIONS[1, 1])
+    obj["instances"] = [{"x": 128 + rng.uniform(-8, 8), "y": 128 + rng.uniform(-8, 8), "r": radius * 256,
+                         "angle": 0.0 if obj["shape"] == "circle" else rng.uniform(-15, 15)}]
+    return scene
+
+
 _SS = 2  # supersampling factor: draw at 2x, box-reduce, for anti-aliased edges
 
 
@@ -933,8 +945,8 @@ def add_demo_list(out_dir: str, source: str, n: int, seed: int = 0) -> str:
 
 __all__ = [
     "BAD_KINDS", "BadKind", "DemoArgs", "DemoSpec", "SOURCES", "FOR_GENERATIVE", "add_demo_list",
-    "clip_caption", "dalle_caption", "expected_drop_counts", "generate_demo", "generate_demo_for_config",
-    "load_demo", "planted_counts", "rows_per_kind",
+    "centred_scene", "clip_caption", "dalle_caption", "expected_drop_counts", "generate_demo",
+    "generate_demo_for_config", "load_demo", "planted_counts", "rows_per_kind",
 ]
 
 
