@@ -295,6 +295,38 @@ def test_compiled_steps_under_two_processes_match_one_eager_process(strategy, tm
         torch.testing.assert_close(got["model"][k], ref["model"][k], atol=1e-6, rtol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_last_good_one(mode, tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def save(obj, f, *a, **kw):  # a full disk at step 8's checkpoint
+        if isinstance(obj, dict) and obj.get("step") == 8:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    # sync: raised at step 8's save; async: at the next wait for the write (step 12's save)
+    with pytest.raises(RuntimeError, match="train.toy: writing a checkpoint failed: .*No space left on device"):
+        tr.Trainer(ToyTask(), _cfg(async_checkpoint=mode == "async", keep_checkpoints=10), str(tmp_path)).run()
+    assert tr.load_step(str(tmp_path)) == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["step-00000004.pt"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_that_fails_on_rank_0_stops_every_rank_with_its_error(tmp_path):
+    # only rank 0 writes; without passing its error on, rank 1 would wait in the next collective until
+    # torchrun's agent killed it, and its log would not say why
+    cfg = _cfg(steps=12, checkpoint_every=4, async_checkpoint=False)
+    with pytest.raises(LaunchError):
+        launch(LaunchConfig(nproc_per_node=2, backend="gloo", strategy="ddp"), "toy_task",
+               ["--out", str(tmp_path / "two"), "--config", cfg.model_dump_json(), "--strategy", "ddp",
+                "--fail-checkpoint-at", "8"], log_path=str(tmp_path / "two.log"), env=ENV, timeout_s=120)
+    log = (tmp_path / "two.log").read_text()
+    assert "RuntimeError: train.toy: writing a checkpoint failed: OSError(28, 'No space left on device')" in log
+    assert "RuntimeError: rank 0 stopped: train.toy: writing a checkpoint failed" in log
+    assert tr.load_step(str(tmp_path / "two")) == 4
+
+
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     cfg = _cfg(steps=10, checkpoint_every=3)

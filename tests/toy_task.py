@@ -105,10 +105,21 @@ def main() -> None:
     ap.add_argument("--stall-at", type=int, default=None)
     ap.add_argument("--sigterm-at", type=int, default=None)
     ap.add_argument("--evaluate", action="store_true", help="a task with a held-out evaluation")
+    ap.add_argument("--fail-checkpoint-at", type=int, default=None, help="rank 0's write of this step's checkpoint fails")
     a = ap.parse_args()
     ctx = distributed.init("gloo")
     try:
         from unclip.train.trainer import Trainer
+
+        if a.fail_checkpoint_at is not None:  # a full disk or a lost bucket at one step's checkpoint
+            real_save = torch.save
+
+            def save(obj, f, *args, **kw):
+                if isinstance(obj, dict) and obj.get("step") == a.fail_checkpoint_at:
+                    raise OSError(28, "No space left on device")
+                return real_save(obj, f, *args, **kw)
+
+            torch.save = save
 
         cfg = StageTrainConfig.model_validate(json.loads(a.config))
         task = (EvalToyTask if a.evaluate else ToyTask)(stall_at=a.stall_at, sigterm_at=a.sigterm_at)

@@ -388,7 +388,7 @@ class Trainer:
             if finished_cleanly or stopping:
                 if saved_step != step:
                     last_ckpt = self._save(step, wrapped, optimizer, ema, model_config)
-            self.wait_for_checkpoint()
+            self._checkpoint_written()
         finally:
             self._restore_signals(previous)
         if writer is not None:
@@ -513,6 +513,7 @@ class Trainer:
         rng = _gather(self.ctx, _rng_state())
         task_state = _gather(self.ctx, self.task.state_dict()) if hasattr(self.task, "state_dict") else None
         uri = storage.join(checkpoint_dir(self.out_dir), f"step-{step:08d}.pt")
+        self._checkpoint_written()  # one write in flight at most
         if self.main:
             state = {
                 "format": CHECKPOINT_FORMAT, "stage": self.task.name, "step": step,
@@ -525,7 +526,6 @@ class Trainer:
                 "rng": rng, "lineage": self.lineage,
                 "lr": lr_at(max(step - 1, 0), self.cfg),
             }
-            self.wait_for_checkpoint()  # one write in flight at most
             if self.cfg.async_checkpoint:
                 # the loop goes on while a thread writes a snapshot (the live tensors change next step)
                 snapshot = _tree_clone(state)
@@ -534,7 +534,10 @@ class Trainer:
                 self._saving.start()
             else:
                 self._write_checkpoint(uri, state, step)
-        distributed.barrier()
+        if self.cfg.async_checkpoint:
+            distributed.barrier()
+        else:
+            self._checkpoint_written()
         return uri
 
     def _write_checkpoint(self, uri: str, state: dict, step: int) -> None:
@@ -556,6 +559,21 @@ class Trainer:
         if self._save_error is not None:
             err, self._save_error = self._save_error, None
             raise RuntimeError(f"train.{self.task.name}: writing a checkpoint failed: {err!r}") from err
+
+    def _checkpoint_written(self) -> None:
+        """On every rank (a collective): wait for rank 0's checkpoint write in flight, and raise its write
+        error on every rank alike, so that no rank is left waiting in a collective for one that stopped."""
+        error = None
+        if self.main:
+            try:
+                self.wait_for_checkpoint()
+            except RuntimeError as e:
+                error = e
+        failed = [m for m in _gather(self.ctx, None if error is None else str(error)) if m is not None]
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"rank 0 stopped: {failed[0]}")
 
     def _prune(self, newest: str) -> None:
         found = sorted(u for u in storage.listdir(checkpoint_dir(self.out_dir)) if u.endswith(".pt"))
