@@ -197,6 +197,7 @@ def test_unclip_generate_draws_with_the_released_models(demo, tmp_path):
     fast = ["--prior-steps", "5", "--decoder-steps", "8", "--upsampler-steps", "3,2"]
     out = tmp_path / "out"
     assert cli.main(["generate", "--workdir", str(w), "--out", str(out), "--n", "2", "--seed", "3", *fast,
+                     "--upsampler-eta", "0.5",
                      "a large red circle in the centre", "two small blue squares on the left"]) == 0
     index = json.loads((out / "index.json").read_text())
     assert len(index) == 4 and {e["caption"] for e in index} == {"a large red circle in the centre",
@@ -207,7 +208,7 @@ def test_unclip_generate_draws_with_the_released_models(demo, tmp_path):
         # unset guidance comes from the run's eval_generation config, the options win over it
         assert e["sampling"] == {"prior_guidance": run_cfg.prior_guidance, "prior_steps": 5,
                                  "decoder_guidance": run_cfg.decoder_guidance, "decoder_steps": 8,
-                                 "upsampler_steps": [3, 2]}
+                                 "upsampler_steps": [3, 2], "upsampler_eta": 0.5}
         assert set(e["models"]) >= {"prior_diffusion", "decoder", "upsampler1", "upsampler2", "clip"}
         assert Image.open(out / e["file"]).size == (256, 256)
     var = tmp_path / "var"

@@ -4,6 +4,8 @@ and the stage's metrics, grid and sample files. (The demo test runs them on trai
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import sys
 from pathlib import Path
@@ -68,6 +70,18 @@ def test_the_chain_draws_every_resolution_and_a_seed_fixes_it(stack, mode):
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[-1], c[-1])
     low = stack.generate(captions, mode=mode, s=SETTINGS, seed=0, top="upsampler1")
     assert len(low) == 2 and torch.equal(low[0], a[0])
+
+
+def test_the_upsamplers_eta_is_a_setting_of_the_run_and_reaches_their_sampling(stack):
+    assert gen.Settings.of({"upsampler_eta": 0.0}).upsampler_eta == 0.0
+    assert gen.Settings.of({}).upsampler_eta == gen.Settings().upsampler_eta == 1.0
+    captions = ["a red circle at the top", "two small blue squares on the left"]
+    a = stack.generate(captions, mode="text_embedding", s=SETTINGS, seed=0)
+    b = stack.generate(captions, mode="text_embedding", s=dataclasses.replace(SETTINGS, upsampler_eta=0.0), seed=0)
+    # the decoder's images are the same; the upsamplers' differ (eta 0 adds no noise between steps)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+    assert torch.equal(b[1], stack.generate(captions, mode="text_embedding",
+                                            s=dataclasses.replace(SETTINGS, upsampler_eta=0.0), seed=0)[1])
 
 
 def test_slerp_runs_on_the_sphere_between_its_ends():

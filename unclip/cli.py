@@ -121,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder-steps", type=int, default=None, help="default: as the run's eval_generation")
     g.add_argument("--upsampler-steps", default=None, help="DDIM steps of upsampler 1 and 2, e.g. 20,10 (default: "
                    "as the run's eval_generation)")
+    g.add_argument("--upsampler-eta", type=float, default=None, help="DDIM eta of both upsamplers, 0-1 (default: "
+                   "as the run's eval_generation)")
     g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     which = g.add_mutually_exclusive_group()
     which.add_argument("--variations", metavar="IMAGE", help="variations of IMAGE (DDIM with eta > 0 from its "
@@ -289,6 +291,8 @@ def generate(args) -> int:
         up = None if args.upsampler_steps is None else tuple(int(v) for v in args.upsampler_steps.split(","))
         if (up is not None and (len(up) != 2 or min(up) < 1)) or args.n < 1:
             raise ValueError("--upsampler-steps takes two positive counts, e.g. 20,10; --n at least 1")
+        if args.upsampler_eta is not None and not 0.0 <= args.upsampler_eta <= 1.0:
+            raise ValueError(f"--upsampler-eta {args.upsampler_eta}: between 0 and 1")
         modes = [args.captions] if not (args.variations or args.interpolate or args.text_diff) else []
         if modes and not args.captions:
             raise ValueError("give at least one caption (or --variations / --interpolate / --text-diff)")
@@ -303,10 +307,10 @@ def generate(args) -> int:
     settings, origin = gen.Settings.of_run(where, stack.records["decoder"].get("run_id"))
     given = {k: v for k, v in (("prior_guidance", args.prior_guidance), ("prior_steps", args.prior_steps),
                                ("decoder_guidance", args.decoder_guidance), ("decoder_steps", args.decoder_steps),
-                               ("upsampler_steps", up)) if v is not None}
+                               ("upsampler_steps", up), ("upsampler_eta", args.upsampler_eta)) if v is not None}
     settings = dataclasses.replace(settings, **given)
     sampling = {k: getattr(settings, k) for k in ("prior_guidance", "prior_steps", "decoder_guidance",
-                                                  "decoder_steps", "upsampler_steps")}
+                                                  "decoder_steps", "upsampler_steps", "upsampler_eta")}
     print(f"sampling ({origin}{', options' if given else ''}): "
           + ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in sampling.items()))
 

@@ -51,6 +51,7 @@ class Settings:
     decoder_guidance: float = 3.0
     decoder_steps: int = 50
     upsampler_steps: tuple[int, int] = (20, 10)
+    upsampler_eta: float = 1.0  # both upsamplers' DDIM eta (EvalGenerationConfig.upsampler_eta)
     eta: float = 0.0  # the decoder's DDIM eta (variations use their own, > 0)
     batch_size: int = 16
 
@@ -64,6 +65,7 @@ class Settings:
                    decoder_guidance=float(get("decoder_guidance", d.decoder_guidance)),
                    decoder_steps=int(get("decoder_steps", d.decoder_steps)),
                    upsampler_steps=tuple(int(v) for v in get("upsampler_steps", d.upsampler_steps)),
+                   upsampler_eta=float(get("upsampler_eta", d.upsampler_eta)),
                    batch_size=int(get("batch_size", d.batch_size)))
 
     @classmethod
@@ -258,10 +260,10 @@ class Stack:
             sampler="ddim", eta=s.eta if eta is None else eta)
 
     @torch.no_grad()
-    def upsample(self, stage: str, low: torch.Tensor, steps: int, g: torch.Generator) -> torch.Tensor:
+    def upsample(self, stage: str, low: torch.Tensor, steps: int, g: torch.Generator, eta: float = 1.0) -> torch.Tensor:
         model = self.models[stage]
         side = self.size(stage)
-        x = model.diffusion().respaced(steps).sample(model, (len(low), 3, side, side), generator=g,
+        x = model.diffusion().respaced(steps).sample(model, (len(low), 3, side, side), generator=g, eta=eta,
                                                      device=self.device, model_kwargs={"low_res": low})
         return model.from_sample(x, low)
 
@@ -271,7 +273,7 @@ class Stack:
         for i, stage in enumerate(("upsampler1", "upsampler2")):
             if stage not in self.models or IMAGE_STAGES.index(stage) > IMAGE_STAGES.index(top):
                 break
-            out.append(self.upsample(stage, out[-1], s.upsampler_steps[i], g))
+            out.append(self.upsample(stage, out[-1], s.upsampler_steps[i], g, s.upsampler_eta))
         return out
 
     def generate(self, captions: list[str], *, mode: str = "prior_diffusion", s: Settings = Settings(),
