@@ -5,7 +5,6 @@ and the stage's metrics, grid and sample files. (The demo test runs them on trai
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import sys
 from pathlib import Path
