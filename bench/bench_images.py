@@ -159,9 +159,9 @@ def sampling(args, work: Path) -> None:
     t1 = time.perf_counter()
     first = stack.decode(z, tokens, s, g)
     t2 = time.perf_counter()
-    up1 = stack.upsample("upsampler1", first, s.upsampler_steps[0], g)
+    up1 = stack.upsample("upsampler1", first, s.upsampler_steps[0], g, s.upsampler_eta)
     t3 = time.perf_counter()
-    stack.upsample("upsampler2", up1, s.upsampler_steps[1], g)
+    stack.upsample("upsampler2", up1, s.upsampler_steps[1], g, s.upsampler_eta)
     t4 = time.perf_counter()
     n = len(captions)
     print(f"sampling the stack, {n} captions at once: {n / (t4 - t0):.3f} images/s at 256 px "

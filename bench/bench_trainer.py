@@ -76,6 +76,14 @@ def bare(args, tensors, files=None) -> float:
     model.train()
     loss_fn = open_clip.ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer's
+    try:
+        return _bare_steps(args, model, loss_fn, opt, tensors, stream)
+    finally:
+        if stream is not None:
+            stream.close()  # its loader workers end now, not at garbage collection
+
+
+def _bare_steps(args, model, loss_fn, opt, tensors, stream) -> float:
     t0 = None
     for step in range(args.steps + WARMUP):
         if step == WARMUP:

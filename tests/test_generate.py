@@ -16,6 +16,7 @@ import torch
 from unclip import generate as gen
 from unclip.config import ClipModelConfig, load_config
 from unclip.models import unet
+from unclip.models.diffusion import GaussianDiffusion
 from unclip.models.prior import DiffusionPrior, FLAVOURS
 from unclip.train import eval_generation, image, prior
 
@@ -71,16 +72,32 @@ def test_the_chain_draws_every_resolution_and_a_seed_fixes_it(stack, mode):
     assert len(low) == 2 and torch.equal(low[0], a[0])
 
 
-def test_the_upsamplers_eta_is_a_setting_of_the_run_and_reaches_their_sampling(stack):
-    assert gen.Settings.of({"upsampler_eta": 0.0}).upsampler_eta == 0.0
-    assert gen.Settings.of({}).upsampler_eta == gen.Settings().upsampler_eta == 1.0
+def test_the_upsamplers_eta_is_a_setting_of_the_run_and_reaches_their_sampling(stack, monkeypatch):
+    assert gen.Settings.of({"upsampler_eta": 0.5}).upsampler_eta == 0.5
+    assert gen.Settings().upsampler_eta == 1.0
+    assert gen.Settings.of({}).upsampler_eta == 0.0  # a run recorded before the setting sampled at eta 0
+    seen = []
+    sample = GaussianDiffusion.sample
+
+    def spy(self, model, shape, **kw):
+        seen.append((tuple(shape)[-1], kw.get("eta", 0.0)))
+        return sample(self, model, shape, **kw)
+
+    monkeypatch.setattr(GaussianDiffusion, "sample", spy)
     captions = ["a red circle at the top", "two small blue squares on the left"]
-    a = stack.generate(captions, mode="text_embedding", s=SETTINGS, seed=0)
+    a = stack.generate(captions, mode="text_embedding", s=dataclasses.replace(SETTINGS, upsampler_eta=0.3), seed=0)
+    assert seen == [(16, 0.0), (64, 0.3), (256, 0.3)]  # the decoder at its own eta, both upsamplers at 0.3
     b = stack.generate(captions, mode="text_embedding", s=dataclasses.replace(SETTINGS, upsampler_eta=0.0), seed=0)
-    # the decoder's images are the same; the upsamplers' differ (eta 0 adds no noise between steps)
+    # the upsamplers draw from their own stream: their settings leave the decoder's images as they were
     assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
-    assert torch.equal(b[1], stack.generate(captions, mode="text_embedding",
-                                            s=dataclasses.replace(SETTINGS, upsampler_eta=0.0), seed=0)[1])
+
+
+def test_fixed_noise_upsamples_equal_images_equally(stack):
+    first = stack.generate(["a red circle at the top"], mode="text_embedding", s=SETTINGS, seed=0, top="decoder")[0]
+    g = torch.Generator().manual_seed(0)
+    fixed = stack.chain(first.repeat(2, 1, 1, 1), SETTINGS, g, fixed_noise=True)
+    free = stack.chain(first.repeat(2, 1, 1, 1), SETTINGS, g)
+    assert torch.equal(fixed[-1][0], fixed[-1][1]) and not torch.equal(free[-1][0], free[-1][1])
 
 
 def test_slerp_runs_on_the_sphere_between_its_ends():

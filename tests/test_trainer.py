@@ -312,11 +312,27 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_last_good_one(mod
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["step-00000004.pt"]
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_checkpoint_that_cannot_be_started_stops_the_run(mode, tmp_path, monkeypatch):
+    # a failure on rank 0 before the write (the snapshot's copy, the thread) is raised as a write's is
+    def fail(*args, **kwargs):
+        raise MemoryError("no room for the state")
+
+    if mode == "async":
+        monkeypatch.setattr(tr, "_tree_clone", fail)  # the snapshot the thread writes
+    else:
+        monkeypatch.setattr(StageTrainConfig, "model_dump", fail)  # part of the state itself
+    with pytest.raises(RuntimeError, match="train.toy: writing a checkpoint failed: MemoryError"):
+        tr.Trainer(ToyTask(), _cfg(async_checkpoint=mode == "async"), str(tmp_path)).run()
+    assert tr.latest_checkpoint(str(tmp_path)) is None
+
+
 @pytest.mark.slow
-def test_a_checkpoint_write_that_fails_on_rank_0_stops_every_rank_with_its_error(tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_checkpoint_write_that_fails_on_rank_0_stops_every_rank_with_its_error(mode, tmp_path):
     # only rank 0 writes; without passing its error on, rank 1 would wait in the next collective until
-    # torchrun's agent killed it, and its log would not say why
-    cfg = _cfg(steps=12, checkpoint_every=4, async_checkpoint=False)
+    # torchrun's agent killed it, and its log would not say why (async: raised at step 12's exit save)
+    cfg = _cfg(steps=12, checkpoint_every=4, async_checkpoint=mode == "async")
     with pytest.raises(LaunchError):
         launch(LaunchConfig(nproc_per_node=2, backend="gloo", strategy="ddp"), "toy_task",
                ["--out", str(tmp_path / "two"), "--config", cfg.model_dump_json(), "--strategy", "ddp",

@@ -442,8 +442,9 @@ class UpsamplerTrainConfig(ImageTrainConfig):
                                   "low-res input, times this scale (models/unet.py Upsampler).")
     eval_samples: int = Field(4, ge=1, description="Samples drawn per held-out image at each evaluation: "
                               "psnr_mean is the PSNR of their mean (an estimate of the model's posterior mean).")
-    sample_eta: float = Field(1.0, ge=0.0, le=1.0, description="DDIM eta of the evaluation's samples, as "
-                              "generation draws them (train.eval_generation.upsampler_eta).")
+    sample_eta: float = Field(1.0, ge=0.0, le=1.0, description="DDIM eta of the evaluation's samples; keep it "
+                              "at train.eval_generation.upsampler_eta, so the PSNR is that of the samples "
+                              "generation draws. Runs before 2026-12-04 sampled at 0 (their psnr is not comparable).")
 
 
 class EvalPriorsConfig(_Strict):

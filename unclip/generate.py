@@ -65,7 +65,8 @@ class Settings:
                    decoder_guidance=float(get("decoder_guidance", d.decoder_guidance)),
                    decoder_steps=int(get("decoder_steps", d.decoder_steps)),
                    upsampler_steps=tuple(int(v) for v in get("upsampler_steps", d.upsampler_steps)),
-                   upsampler_eta=float(get("upsampler_eta", d.upsampler_eta)),
+                   # a run recorded before the setting existed sampled its upsamplers deterministically
+                   upsampler_eta=float(get("upsampler_eta", 0.0)),
                    batch_size=int(get("batch_size", d.batch_size)))
 
     @classmethod
@@ -260,20 +261,30 @@ class Stack:
             sampler="ddim", eta=s.eta if eta is None else eta)
 
     @torch.no_grad()
-    def upsample(self, stage: str, low: torch.Tensor, steps: int, g: torch.Generator, eta: float = 1.0) -> torch.Tensor:
+    def upsample(self, stage: str, low: torch.Tensor, steps: int, g: torch.Generator, eta: float, *,
+                 shared_noise: bool = False) -> torch.Tensor:
+        """Low-res images -> the upsampler's (DDIM with ``eta``); ``shared_noise``: every image starts
+        from the same noise (frames of one interpolation)."""
         model = self.models[stage]
         side = self.size(stage)
+        noise = None
+        if shared_noise:
+            noise = torch.randn((1, 3, side, side), generator=g, device=self.device).repeat(len(low), 1, 1, 1)
         x = model.diffusion().respaced(steps).sample(model, (len(low), 3, side, side), generator=g, eta=eta,
-                                                     device=self.device, model_kwargs={"low_res": low})
+                                                     noise=noise, device=self.device, model_kwargs={"low_res": low})
         return model.from_sample(x, low)
 
-    def chain(self, first: torch.Tensor, s: Settings, g: torch.Generator, *, top: str = "upsampler2") -> list[torch.Tensor]:
-        """The decoder's images and their upsampled versions, up to stage ``top``."""
+    def chain(self, first: torch.Tensor, s: Settings, g: torch.Generator, *, top: str = "upsampler2",
+              fixed_noise: bool = False) -> list[torch.Tensor]:
+        """The decoder's images and their upsampled versions, up to stage ``top``. ``fixed_noise``: the
+        upsamplers draw every image from the same noise with deterministic DDIM, so images that differ
+        only in their embedding (an interpolation's frames) differ only by it."""
         out = [first]
         for i, stage in enumerate(("upsampler1", "upsampler2")):
             if stage not in self.models or IMAGE_STAGES.index(stage) > IMAGE_STAGES.index(top):
                 break
-            out.append(self.upsample(stage, out[-1], s.upsampler_steps[i], g, s.upsampler_eta))
+            out.append(self.upsample(stage, out[-1], s.upsampler_steps[i], g, 0.0 if fixed_noise else s.upsampler_eta,
+                                     shared_noise=fixed_noise))
         return out
 
     def generate(self, captions: list[str], *, mode: str = "prior_diffusion", s: Settings = Settings(),
@@ -281,12 +292,14 @@ class Stack:
         """Images for ``captions`` under conditioning ``mode``: one [N, 3, side, side] tensor per
         resolution of the chain, up to ``top``; batches of ``s.batch_size``, one seeded generator."""
         g = torch.Generator(device=self.device).manual_seed(seed)
+        # the upsamplers' own stream: their settings (eta, steps) leave the decoder's images as they are
+        g_up = torch.Generator(device=self.device).manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
         outs: list[list[torch.Tensor]] = []
         for i in range(0, len(captions), s.batch_size):
             tokens, text_emb = self.text(captions[i:i + s.batch_size])
             z = self.embed(mode, tokens, text_emb, s, g)
             first = self.decode(z, tokens, s, g, caption_only=mode == "caption_only")
-            outs.append(self.chain(first, s, g, top=top))
+            outs.append(self.chain(first, s, g_up, top=top))
         return [torch.cat([o[k] for o in outs]).cpu() for k in range(len(outs[0]))]
 
     # -- the bipartite latent -----------------------------------------------------------------------
@@ -320,7 +333,7 @@ class Stack:
         noise = torch.randn((1, 3, side, side), generator=g, device=self.device).repeat(n, 1, 1, 1)
         tokens, _ = self.text([caption] * n)
         first = self.decode(z, tokens, s, g, noise=noise, eta=0.0)
-        return [t.cpu() for t in self.chain(first, s, g)]
+        return [t.cpu() for t in self.chain(first, s, g, fixed_noise=True)]
 
     def text_diff(self, image: torch.Tensor, new_caption: str, n: int, *, base_caption: str = "",
                   s: Settings = Settings(), seed: int = 0, max_angle: float = 0.5) -> list[torch.Tensor]:
@@ -332,7 +345,7 @@ class Stack:
         zs = torch.cat([slerp(z, zd, t) for t in np.linspace(0, max_angle, n)])
         g = torch.Generator(device=self.device).manual_seed(seed)
         first = self.decode(zs, tokens.repeat(n, 1), s, g, noise=x_t.repeat(n, 1, 1, 1), eta=0.0)
-        return [t.cpu() for t in self.chain(first, s, g)]
+        return [t.cpu() for t in self.chain(first, s, g, fixed_noise=True)]
 
 
 def grid(rows: list[list[Image.Image]], labels: list[str] | None = None, *, pad: int = 2, label_width: int = 0,

@@ -513,31 +513,33 @@ class Trainer:
         rng = _gather(self.ctx, _rng_state())
         task_state = _gather(self.ctx, self.task.state_dict()) if hasattr(self.task, "state_dict") else None
         uri = storage.join(checkpoint_dir(self.out_dir), f"step-{step:08d}.pt")
-        self._checkpoint_written()  # one write in flight at most
-        if self.main:
-            state = {
-                "format": CHECKPOINT_FORMAT, "stage": self.task.name, "step": step,
-                "model_config": model_config, "model": model_sd, "optimizer": optim_sd,
-                "ema": ema_sd,
-                "train_config": self.cfg.model_dump(mode="json"),
-                "data_position": {"micro_batches": step * self.cfg.grad_accum, "micro_batch": self.micro_batch,
-                                  "world_size": self.ctx.world_size},
-                "task_state": task_state,
-                "rng": rng, "lineage": self.lineage,
-                "lr": lr_at(max(step - 1, 0), self.cfg),
-            }
-            if self.cfg.async_checkpoint:
-                # the loop goes on while a thread writes a snapshot (the live tensors change next step)
-                snapshot = _tree_clone(state)
-                self._saving = threading.Thread(target=self._write_checkpoint, args=(uri, snapshot, step),
-                                                name=f"checkpoint-{step}", daemon=True)
-                self._saving.start()
-            else:
-                self._write_checkpoint(uri, state, step)
         if self.cfg.async_checkpoint:
-            distributed.barrier()
-        else:
-            self._checkpoint_written()
+            self._checkpoint_written()  # one write in flight at most
+        if self.main:
+            try:  # whatever fails on rank 0 here reaches every rank below, not only rank 0
+                state = {
+                    "format": CHECKPOINT_FORMAT, "stage": self.task.name, "step": step,
+                    "model_config": model_config, "model": model_sd, "optimizer": optim_sd,
+                    "ema": ema_sd,
+                    "train_config": self.cfg.model_dump(mode="json"),
+                    "data_position": {"micro_batches": step * self.cfg.grad_accum, "micro_batch": self.micro_batch,
+                                      "world_size": self.ctx.world_size},
+                    "task_state": task_state,
+                    "rng": rng, "lineage": self.lineage,
+                    "lr": lr_at(max(step - 1, 0), self.cfg),
+                }
+                if self.cfg.async_checkpoint:
+                    # the loop goes on while a thread writes a snapshot (the live tensors change next step)
+                    snapshot = _tree_clone(state)
+                    self._saving = threading.Thread(target=self._write_checkpoint, args=(uri, snapshot, step),
+                                                    name=f"checkpoint-{step}", daemon=True)
+                    self._saving.start()
+                else:
+                    self._write_checkpoint(uri, state, step)
+            except Exception as e:  # noqa: BLE001 - raised on every rank by _checkpoint_written
+                self._save_error = e
+        # sync: this write's error; async: an error starting it (the write's own comes at the next wait)
+        self._checkpoint_written(wait=not self.cfg.async_checkpoint)
         return uri
 
     def _write_checkpoint(self, uri: str, state: dict, step: int) -> None:
@@ -551,22 +553,24 @@ class Trainer:
         except BaseException as e:  # noqa: BLE001 - raised on the training thread at the next wait
             self._save_error = e
 
-    def wait_for_checkpoint(self) -> None:
-        """Block until the checkpoint being written (if any) is on storage; raise its write error."""
-        if self._saving is not None:
+    def wait_for_checkpoint(self, join: bool = True) -> None:
+        """Block until the checkpoint being written (if any) is on storage (``join``); raise its write
+        error, or one recorded in starting it."""
+        if join and self._saving is not None:
             self._saving.join()
             self._saving = None
         if self._save_error is not None:
             err, self._save_error = self._save_error, None
             raise RuntimeError(f"train.{self.task.name}: writing a checkpoint failed: {err!r}") from err
 
-    def _checkpoint_written(self) -> None:
-        """On every rank (a collective): wait for rank 0's checkpoint write in flight, and raise its write
-        error on every rank alike, so that no rank is left waiting in a collective for one that stopped."""
+    def _checkpoint_written(self, wait: bool = True) -> None:
+        """On every rank (a collective): wait for rank 0's checkpoint write in flight (``wait``; else only
+        look for an error already recorded), and raise its error on every rank alike, so that no rank is
+        left waiting in a collective for one that stopped."""
         error = None
         if self.main:
             try:
-                self.wait_for_checkpoint()
+                self.wait_for_checkpoint(join=wait)
             except RuntimeError as e:
                 error = e
         failed = [m for m in _gather(self.ctx, None if error is None else str(error)) if m is not None]
