@@ -305,11 +305,29 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_last_good_one(mod
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", save)
-    # sync: raised at step 8's save; async: at the next wait for the write (step 12's save)
+    # sync: raised at step 8's save; async: as soon as the trainer sees it (step 8's save or step 12's)
     with pytest.raises(RuntimeError, match="train.toy: writing a checkpoint failed: .*No space left on device"):
         tr.Trainer(ToyTask(), _cfg(async_checkpoint=mode == "async", keep_checkpoints=10), str(tmp_path)).run()
     assert tr.load_step(str(tmp_path)) == 4
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["step-00000004.pt"]
+
+
+def test_a_failure_during_a_checkpoint_write_also_reports_the_write(tmp_path, monkeypatch):
+    # the step-4 checkpoint's write (a thread) fails while steps 5-6 run; step 6's loss is NaN: the NaN
+    # error names step 4 as the last good checkpoint, and its note says that write failed
+    real_save = torch.save
+
+    def save(obj, f, *a, **kw):
+        if isinstance(obj, dict) and obj.get("step") == 4:
+            time.sleep(0.5)  # fails after steps 5-6 (milliseconds each), not before step 4's save returns
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(tr.NonFiniteLossError, match="step 6") as info:
+        tr.Trainer(ToyTask(nan_at=6), _cfg(async_checkpoint=True), str(tmp_path)).run()
+    assert info.value.__notes__ == ["train.toy: writing a checkpoint failed too: OSError(28, 'No space left on "
+                                    "device'); the last whole checkpoint is none"]
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -331,7 +349,7 @@ def test_a_checkpoint_that_cannot_be_started_stops_the_run(mode, tmp_path, monke
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_checkpoint_write_that_fails_on_rank_0_stops_every_rank_with_its_error(mode, tmp_path):
     # only rank 0 writes; without passing its error on, rank 1 would wait in the next collective until
-    # torchrun's agent killed it, and its log would not say why (async: raised at step 12's exit save)
+    # torchrun's agent killed it, and its log would not say why (async: at step 8's save or step 12's)
     cfg = _cfg(steps=12, checkpoint_every=4, async_checkpoint=mode == "async")
     with pytest.raises(LaunchError):
         launch(LaunchConfig(nproc_per_node=2, backend="gloo", strategy="ddp"), "toy_task",

@@ -370,8 +370,15 @@ class Trainer:
             finished_cleanly = True
         except _StopRequested:
             pass
-        except BaseException:
+        except BaseException as e:
             self._restore_signals(previous)
+            if self._saving is not None:  # a failing run still finishes writing its last good checkpoint
+                self._saving.join()
+                self._saving = None
+            if self._save_error is not None:  # and says if that write failed: its error would be lost
+                e.add_note(f"train.{self.task.name}: writing a checkpoint failed too: {self._save_error!r}; the last "
+                           f"whole checkpoint is {latest_checkpoint(self.out_dir) or 'none'}")
+                self._save_error = None
             raise
         finally:
             close = getattr(batches, "close", None)
