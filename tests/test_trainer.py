@@ -326,8 +326,9 @@ def test_a_failure_during_a_checkpoint_write_also_reports_the_write(tmp_path, mo
     monkeypatch.setattr(torch, "save", save)
     with pytest.raises(tr.NonFiniteLossError, match="step 6") as info:
         tr.Trainer(ToyTask(nan_at=6), _cfg(async_checkpoint=True), str(tmp_path)).run()
-    assert info.value.__notes__ == ["train.toy: writing a checkpoint failed too: OSError(28, 'No space left on "
-                                    "device'); the last whole checkpoint is none"]
+    want = "train.toy: writing a checkpoint failed too: OSError(28, 'No space left on device'); the last whole " \
+           "checkpoint is none"
+    assert info.value.__notes__ == [want]
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
