@@ -22,7 +22,7 @@ from unclip.train import trainer as tr
 from unclip.train.distributed import LaunchError, launch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from toy_task import EvalToyTask, ToyTask  # noqa: E402
+from toy_task import EvalToyTask, ToyTask, save_failing_at  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
@@ -297,14 +297,7 @@ def test_compiled_steps_under_two_processes_match_one_eager_process(strategy, tm
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_last_good_one(mode, tmp_path, monkeypatch):
-    real_save = torch.save
-
-    def save(obj, f, *a, **kw):  # a full disk at step 8's checkpoint
-        if isinstance(obj, dict) and obj.get("step") == 8:
-            raise OSError(28, "No space left on device")
-        return real_save(obj, f, *a, **kw)
-
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(torch, "save", save_failing_at(8))  # a full disk at step 8's checkpoint
     # sync: raised at step 8's save; async: as soon as the trainer sees it (step 8's save or step 12's)
     with pytest.raises(RuntimeError, match="train.toy: writing a checkpoint failed: .*No space left on device"):
         tr.Trainer(ToyTask(), _cfg(async_checkpoint=mode == "async", keep_checkpoints=10), str(tmp_path)).run()
@@ -315,15 +308,8 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_last_good_one(mod
 def test_a_failure_during_a_checkpoint_write_also_reports_the_write(tmp_path, monkeypatch):
     # the step-4 checkpoint's write (a thread) fails while steps 5-6 run; step 6's loss is NaN: the NaN
     # error names step 4 as the last good checkpoint, and its note says that write failed
-    real_save = torch.save
-
-    def save(obj, f, *a, **kw):
-        if isinstance(obj, dict) and obj.get("step") == 4:
-            time.sleep(0.5)  # fails after steps 5-6 (milliseconds each), not before step 4's save returns
-            raise OSError(28, "No space left on device")
-        return real_save(obj, f, *a, **kw)
-
-    monkeypatch.setattr(torch, "save", save)
+    # it fails after steps 5-6 (milliseconds each), not before step 4's save returns
+    monkeypatch.setattr(torch, "save", save_failing_at(4, delay_s=0.5))
     with pytest.raises(tr.NonFiniteLossError, match="step 6") as info:
         tr.Trainer(ToyTask(nan_at=6), _cfg(async_checkpoint=True), str(tmp_path)).run()
     want = "train.toy: writing a checkpoint failed too: OSError(28, 'No space left on device'); the last whole " \

@@ -10,7 +10,8 @@ import argparse
 import json
 import os
 import signal
-from typing import Iterator
+import time
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -19,6 +20,20 @@ from unclip.config import StageTrainConfig
 from unclip.train import distributed
 
 D_IN, D_OUT = 6, 3
+
+
+def save_failing_at(step: int, delay_s: float = 0.0) -> Callable:
+    """A ``torch.save`` that fails as a full disk would for the checkpoint of ``step`` (after ``delay_s``),
+    and saves everything else."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kw):
+        if isinstance(obj, dict) and obj.get("step") == step:
+            time.sleep(delay_s)
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kw)
+
+    return save
 
 
 class ToyTask:
@@ -112,14 +127,7 @@ def main() -> None:
         from unclip.train.trainer import Trainer
 
         if a.fail_checkpoint_at is not None:  # a full disk or a lost bucket at one step's checkpoint
-            real_save = torch.save
-
-            def save(obj, f, *args, **kw):
-                if isinstance(obj, dict) and obj.get("step") == a.fail_checkpoint_at:
-                    raise OSError(28, "No space left on device")
-                return real_save(obj, f, *args, **kw)
-
-            torch.save = save
+            torch.save = save_failing_at(a.fail_checkpoint_at)
 
         cfg = StageTrainConfig.model_validate(json.loads(a.config))
         task = (EvalToyTask if a.evaluate else ToyTask)(stall_at=a.stall_at, sigterm_at=a.sigterm_at)

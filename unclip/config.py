@@ -473,7 +473,10 @@ class EvalGenerationConfig(_Strict):
     decoder_steps: int = Field(50, ge=1, description="The decoder's DDIM steps.")
     upsampler_steps: tuple[int, int] = Field((20, 10), description="DDIM steps of upsampler 1 and 2 (the paper: "
                                              "27 and 15).")
-    upsampler_eta: float = Field(1.0, ge=0.0, le=1.0, description="DDIM eta of both upsamplers' sampling (0: deterministic; 1: DDPM's variance). Measured on the demo's upsampler 1, 10 steps, real 16 px inputs: eta 1 kept more of the shapes (judge shape_auc 0.88 against 0.82) at a higher PSNR (27.6 against 26.7 dB); docs/training.md.")
+    upsampler_eta: float = Field(
+        1.0, ge=0.0, le=1.0, description="DDIM eta of both upsamplers' sampling (0: deterministic; 1: DDPM's "
+        "variance). Measured on the demo's upsampler 1, 10 steps, real 16 px inputs: eta 1 kept more of the shapes "
+        "(judge shape_auc 0.88 against 0.82) at a higher PSNR (27.6 against 26.7 dB); docs/training.md.")
     batch_size: int = Field(16, ge=1, description="Captions sampled together.")
     seed: int = Field(0, description="Seeds the sampling noise and the judge.")
 

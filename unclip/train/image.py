@@ -226,8 +226,9 @@ class ImageTask:
         else:
             g = torch.Generator(device=device).manual_seed(self.cfg.seed)
             sampler = diffusion.respaced(self.cfg.sample_steps)
-            samples = [model.from_sample(sampler.sample(model, x0.shape, generator=g, device=device, eta=self.cfg.sample_eta,
-                                                        model_kwargs=kwargs), kwargs["low_res"]).clamp(-1, 1)
+            samples = [model.from_sample(sampler.sample(model, x0.shape, generator=g, device=device,
+                                                        eta=self.cfg.sample_eta, model_kwargs=kwargs),
+                                         kwargs["low_res"]).clamp(-1, 1)
                        for _ in range(self.cfg.eval_samples)]
             real = held["image"]["image"].to(device)
             bicubic = degrade.upsample(kwargs["low_res"], FACTOR)

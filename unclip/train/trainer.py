@@ -386,8 +386,6 @@ class Trainer:
                 close()
             if writer is not None:
                 writer.flush()
-            if self._saving is not None:  # a failing run still finishes writing its last good checkpoint
-                self._saving.join()
         try:
             # the exit checkpoint: after a finished step (a failed one left the last good one in place);
             # SIGTERM stays trapped until it is written, so a second signal cannot kill one process
