@@ -76,30 +76,26 @@ def bare(args, tensors, files=None) -> float:
     model.train()
     loss_fn = open_clip.ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer's
+    t0 = None
     try:
-        return _bare_steps(args, model, loss_fn, opt, tensors, stream)
+        for step in range(args.steps + WARMUP):
+            if step == WARMUP:
+                t0 = time.perf_counter()
+            if stream is not None:
+                batch = next(stream)
+                images, texts = batch["image"], batch["text"]
+            else:
+                i = (step * args.batch_size) % (len(tensors[0]) - args.batch_size)
+                images, texts = tensors[0][i:i + args.batch_size], tensors[1][i:i + args.batch_size]
+            out = model(images, texts)
+            loss = loss_fn(*out[:3])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return args.steps / (time.perf_counter() - t0)
     finally:
         if stream is not None:
             stream.close()  # its loader workers end now, not at garbage collection
-
-
-def _bare_steps(args, model, loss_fn, opt, tensors, stream) -> float:
-    t0 = None
-    for step in range(args.steps + WARMUP):
-        if step == WARMUP:
-            t0 = time.perf_counter()
-        if stream is not None:
-            batch = next(stream)
-            images, texts = batch["image"], batch["text"]
-        else:
-            i = (step * args.batch_size) % (len(tensors[0]) - args.batch_size)
-            images, texts = tensors[0][i:i + args.batch_size], tensors[1][i:i + args.batch_size]
-        out = model(images, texts)
-        loss = loss_fn(*out[:3])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return args.steps / (time.perf_counter() - t0)
 
 
 def trainer(args, files, out: str) -> float:
