@@ -31,3 +31,18 @@ def data_half_config(cfg: dict) -> dict:
     cfg["train"]["clip_in_data_pipeline"] = False
     cfg["semantic_filter"] = {"min_clip_score": None, "near_dup": None}
     return cfg
+
+
+def tar_headers(pattern: str) -> tuple[int, int]:
+    """(members, members with a PAX extended header) over the tar files matching the glob ``pattern``
+    (recursive): the shards the ingest's workers write have none (``egress.set_tar_format_from_env``)."""
+    import glob
+    import tarfile
+
+    members = pax = 0
+    for path in glob.glob(pattern, recursive=True):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                members += 1
+                pax += bool(member.pax_headers)
+    return members, pax

@@ -3,6 +3,7 @@ end to end: img2dataset's spawned workers enforce the policy only through ``work
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.error
@@ -20,6 +22,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
+from conftest import tar_headers
 
 from unclip import drops
 from unclip.config import IngestConfig, UrlPolicyConfig
@@ -472,6 +475,8 @@ def test_worker_env_contents():
                                                  ["__pycache__", "sitecustomize.py"])
     assert worker_env(INGEST, {})["PYTHONPATH"] == egress.WORKERBOOT_DIR
     assert env["OPENCV_IO_MAX_IMAGE_PIXELS"] == str(2**20)
+    assert env[egress.TAR_FORMAT_ENV] == "gnu"
+    assert egress.ray_runtime_env(INGEST)["env_vars"][egress.TAR_FORMAT_ENV] == "gnu"
     spec = json.loads(env[egress.POLICY_ENV])
     assert spec == {"url_policy": {"allowed_schemes": ["http", "https"], "allow_hosts": ["127.0.0.1"],
                                    "max_redirects": 5}, "max_body_bytes": 2**20, "timeout_s": 2.0}
@@ -485,6 +490,27 @@ def test_install_from_env(monkeypatch, main_server, recorder):
     assert urllib.request.urlopen(f"{main_server.base}/img.png").read() == IMAGE
     with pytest.raises(urllib.error.URLError, match="url_policy:loopback"):
         urllib.request.urlopen(f"{recorder.base}/img.png")
+
+
+def test_set_tar_format_from_env(monkeypatch):
+    monkeypatch.setattr(tarfile.TarFile, "format", tarfile.PAX_FORMAT)
+    assert egress.set_tar_format_from_env({}) is None and tarfile.TarFile.format == tarfile.PAX_FORMAT
+    with pytest.raises(ValueError, match="not one of"):
+        egress.set_tar_format_from_env({egress.TAR_FORMAT_ENV: "zip"})
+    assert egress.set_tar_format_from_env({egress.TAR_FORMAT_ENV: "gnu"}) == tarfile.GNU_FORMAT
+    # what webdataset's writer does: a tarfile opened without a format, members with a float mtime
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w|") as tar:
+        for name in ("000000001.jpg", "a" * 120 + ".txt"):  # a long name takes a GNU long-name record
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = 3, time.time()
+            tar.addfile(info, io.BytesIO(b"abc"))
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == ["000000001.jpg", "a" * 120 + ".txt"]
+        assert not any(m.pax_headers for m in members)
+        assert [tar.extractfile(m).read() for m in members] == [b"abc", b"abc"]
 
 
 def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -502,6 +528,12 @@ except Exception as e:
 """
 
 
+TAR_PROBE = """
+import tarfile
+print("TAR", tarfile.TarFile.format)
+"""
+
+
 def test_sitecustomize_installs_in_a_fresh_interpreter_and_chains(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
@@ -509,9 +541,13 @@ def test_sitecustomize_installs_in_a_fresh_interpreter_and_chains(tmp_path):
     base = {k: v for k, v in os.environ.items() if k != egress.POLICY_ENV}
     env = {**base, "PYTHONPATH": str(other)}
     env = {**env, **worker_env(INGEST, env)}
-    out = _python(PROBE + "import os; print('OTHER', os.environ.get('OTHER_SITECUSTOMIZE_RAN'))", env)
+    out = _python(PROBE + "import os; print('OTHER', os.environ.get('OTHER_SITECUSTOMIZE_RAN'))" + TAR_PROBE, env)
     assert "ERR <urlopen error url_policy:loopback 127.0.0.2>" in out.stdout, out.stderr
     assert "OPENER OpenerDirector" in out.stdout and "OTHER 1" in out.stdout and out.stderr == ""
+    assert f"TAR {tarfile.GNU_FORMAT}" in out.stdout
+    out = _python(TAR_PROBE, {**env, egress.TAR_FORMAT_ENV: "zip"})
+    assert f"TAR {tarfile.PAX_FORMAT}" in out.stdout and "shard tar format not set" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
 
 
 def test_sitecustomize_is_silent_without_the_variable_and_fails_closed_on_a_bad_one():
@@ -569,6 +605,8 @@ def test_img2dataset_workers_enforce_policy_caps_and_deadline(tmp_path, main_ser
            drops.reason_from_img2dataset(row["status"], row["error_message"]) for url, row in status.items()}
     assert got == expected, {u: status[u]["error_message"] for u in status}
     assert recorder.connections == 0 and recorder.requests == []
+    # the workers wrote their shard with one plain header a member (3 images x jpg, txt, json)
+    assert tar_headers(str(tmp_path / "out" / "*.tar")) == (9, 0)
 
 
 @pytest.mark.slow
@@ -579,3 +617,5 @@ def test_img2dataset_without_worker_env_reaches_127_0_0_2(tmp_path, main_server,
     status = run_img2dataset(tmp_path, urls, {})
     assert recorder.connections >= 2 and len(recorder.requests) == 2
     assert {row["status"] for row in status.values()} == {"success"}
+    members, pax = tar_headers(str(tmp_path / "out" / "*.tar"))  # webdataset's writer left as it is: PAX
+    assert members == pax == 9

@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 from unclip.config import load_config
-from conftest import data_half_config
+from conftest import data_half_config, tar_headers
 from unclip.data import demo_source, embeddings
 
 pytestmark = pytest.mark.slow
@@ -113,6 +113,10 @@ def test_ray_runner_and_distributor_match_the_defaults(tmp_path, prefect_api):
         if stage != "semantic_filter":
             counted[(stage, reason)] = counted.get((stage, reason), 0) + 1
     assert counted == spec.expected_drop_counts()
+    # Ray's workers wrote their shards with plain tar headers too (the runtime_env's setup hook)
+    for workdir in ("local", "ray"):
+        members, pax = tar_headers(f"{tmp_path}/{workdir}/shards/**/*.tar")
+        assert members > 0 and pax == 0, (workdir, members, pax)
 
 
 def assert_embeddings_close(a: pa.Table, b: pa.Table) -> None:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from unclip.config import load_config
-from conftest import data_half_config
+from conftest import data_half_config, tar_headers
 from unclip.data import demo_source
 
 pytestmark = pytest.mark.slow
@@ -35,3 +35,5 @@ def test_ingest_on_pyspark_enforces_the_policy_in_sparks_workers(tmp_path, prefe
     assert records["ingest"]["drops_by_reason"] == planted
     assert {"url_policy:loopback", "url_policy:link_local", "body_too_large", "pixel_cap"} <= set(planted)
     assert records["ingest"]["rows_in"] == 160
+    members, pax = tar_headers(str(tmp_path / "w" / "shards" / "**" / "*.tar"))  # Spark's workers: plain headers
+    assert members > 0 and pax == 0, (members, pax)

@@ -5,14 +5,17 @@ process started with that environment (img2dataset's ``spawn`` workers included)
 start-up. It first imports the ``sitecustomize`` it shadows, if any; then, when
 ``$UNCLIP_EGRESS_POLICY`` is set, it installs the policy-enforcing urllib opener. If that fails it
 installs one that refuses every request (fail closed) and says so in one line on stderr; it never
-stops the interpreter from starting. ``python -S``, ``-I`` or ``-E`` skip it (no site import, or no
-PYTHONPATH), so img2dataset must not be started with them.
+stops the interpreter from starting. When ``$UNCLIP_SHARD_TAR_FORMAT`` is set it makes that tar
+format the process's default (``egress.set_tar_format_from_env``: shards without a PAX header a
+member). ``python -S``, ``-I`` or ``-E`` skip it (no site import, or no PYTHONPATH), so img2dataset
+must not be started with them.
 """
 
 import os
 import sys
 
 _ENV = "UNCLIP_EGRESS_POLICY"
+_TAR_ENV = "UNCLIP_SHARD_TAR_FORMAT"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -29,25 +32,36 @@ def _refuse_everything(reason: str) -> None:
     urllib.request.install_opener(opener)
 
 
-def _install() -> None:
+def _egress():
     try:
+        from unclip.data import egress
+    except ModuleNotFoundError as err:
+        if err.name not in ("unclip", "unclip.data"):
+            raise
+        # unclip is not installed: use the tree this file belongs to (.../unclip/data/workerboot).
+        root = os.path.dirname(os.path.dirname(os.path.dirname(_HERE)))
+        sys.path.append(root)
         try:
             from unclip.data import egress
-        except ModuleNotFoundError as err:
-            if err.name not in ("unclip", "unclip.data"):
-                raise
-            # unclip is not installed: use the tree this file belongs to (.../unclip/data/workerboot).
-            root = os.path.dirname(os.path.dirname(os.path.dirname(_HERE)))
-            sys.path.append(root)
-            try:
-                from unclip.data import egress
-            finally:
-                sys.path.remove(root)
-        egress.install_from_env()
+        finally:
+            sys.path.remove(root)
+    return egress
+
+
+def _install() -> None:
+    try:
+        _egress().install_from_env()
     except Exception as err:  # noqa: BLE001 -- start-up must go on, but without a way out
         print(f"unclip sitecustomize: egress policy not installed, refusing all urllib fetches: "
               f"{type(err).__name__}: {err}", file=sys.stderr)
         _refuse_everything(f"{type(err).__name__}: {err}")
+
+
+def _set_tar_format() -> None:
+    try:
+        _egress().set_tar_format_from_env()
+    except Exception as err:  # noqa: BLE001 -- the shards are still valid tar files, only larger
+        print(f"unclip sitecustomize: shard tar format not set: {type(err).__name__}: {err}", file=sys.stderr)
 
 
 def _chain() -> None:
@@ -73,3 +87,5 @@ def _chain() -> None:
 _chain()
 if os.environ.get(_ENV):
     _install()
+if os.environ.get(_TAR_ENV):
+    _set_tar_format()
