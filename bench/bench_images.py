@@ -181,6 +181,8 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=0, help="the trainer's DataLoader worker processes "
                     "(0: decode in the training process, as the demo)")
     ap.add_argument("--no-sampling", action="store_true", help="skip the stack's sampling throughput")
+    ap.add_argument("--tar-format", choices=("gnu", "pax"), default="gnu",
+                    help="the shards' tar headers: gnu, as the ingest writes them; pax, as img2dataset alone does")
     args = ap.parse_args()
 
     import torch
@@ -189,10 +191,11 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-images-"))
     try:
-        files = make_pair_shards(work / "data", {"dalle": args.images}, samples_per_shard=64, side=256, image_emb=True)
+        files = make_pair_shards(work / "data", {"dalle": args.images}, samples_per_shard=64, side=256, image_emb=True,
+                                 tar_format=args.tar_format)
         tok = tokenizer()
-        print(f"data: {files.num_rows} shards, {args.images} images of 256 px; torch threads {torch.get_num_threads()}; "
-              f"trainer loader workers {args.num_workers}")
+        print(f"data: {files.num_rows} shards ({args.tar_format} tar headers), {args.images} images of 256 px; "
+              f"torch threads {torch.get_num_threads()}; trainer loader workers {args.num_workers}")
         for stage in filter(None, args.stages.split(",")):  # --stages "": the sampling throughput only
             data = preload(stage, files, tok, args)
             windows: dict[str, list[float]] = {"bare": [], "bare_stream": [], "trainer": []}

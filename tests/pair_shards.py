@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,24 @@ def scene_embedding(scene: dict, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_pair_shards(root: Path, per_source: dict[str, int], samples_per_shard: int = 16, seed: int = 0,
-                     side: int = 64, image_emb: bool = False) -> pa.Table:
+                     side: int = 64, image_emb: bool = False, tar_format: str = "gnu") -> pa.Table:
     """Shards ``root/shards/<source>/<n>.tar`` with jpg + json (scene_json) + txt members, and per shard
     a kept Parquet of ``key, uid, source, caption`` (and ``image_emb``, ``scene_embedding``'s, when
-    asked); returns the files table (source, shard, tar, rows, digest, kept)."""
+    asked); returns the files table (source, shard, tar, rows, digest, kept). The tar headers are GNU
+    ones by default, as the ingest's img2dataset workers write them (``egress.set_tar_format_from_env``);
+    ``tar_format="pax"``: a PAX header a member, as img2dataset writes them without the ingest's hook."""
+    from unclip.data import egress
+
+    saved = tarfile.TarFile.format
+    egress.set_tar_format_from_env({egress.TAR_FORMAT_ENV: tar_format})
+    try:
+        return _write_pair_shards(root, per_source, samples_per_shard, seed, side, image_emb)
+    finally:
+        tarfile.TarFile.format = saved
+
+
+def _write_pair_shards(root: Path, per_source: dict[str, int], samples_per_shard: int, seed: int, side: int,
+                       image_emb: bool) -> pa.Table:
     from unclip.data import embeddings
 
     rng = np.random.default_rng(seed)
