@@ -513,6 +513,33 @@ def test_set_tar_format_from_env(monkeypatch):
         assert [tar.extractfile(m).read() for m in members] == [b"abc", b"abc"]
 
 
+def test_ray_worker_setup_installs_the_policy_and_the_tar_format(monkeypatch, main_server, recorder, capsys):
+    monkeypatch.setattr(urllib.request, "_opener", None)
+    monkeypatch.setattr(tarfile.TarFile, "format", tarfile.PAX_FORMAT)
+    for key, value in egress.ray_runtime_env(INGEST)["env_vars"].items():
+        monkeypatch.setenv(key, value)
+    egress.ray_worker_setup()
+    assert tarfile.TarFile.format == tarfile.GNU_FORMAT
+    assert urllib.request.urlopen(f"{main_server.base}/img.png").read() == IMAGE
+    with pytest.raises(urllib.error.URLError, match="url_policy:loopback"):
+        urllib.request.urlopen(f"{recorder.base}/img.png")
+    # a format it does not know: the policy is installed all the same, the default format stays, one line says so
+    monkeypatch.setattr(urllib.request, "_opener", None)
+    monkeypatch.setattr(tarfile.TarFile, "format", tarfile.PAX_FORMAT)
+    monkeypatch.setenv(egress.TAR_FORMAT_ENV, "zip")
+    egress.ray_worker_setup()
+    assert tarfile.TarFile.format == tarfile.PAX_FORMAT and urllib.request._opener is not None
+    assert "shard tar format not set" in capsys.readouterr().err
+    with pytest.raises(urllib.error.URLError, match="url_policy:loopback"):
+        urllib.request.urlopen(f"{recorder.base}/img.png")
+    # no policy: every fetch refused
+    monkeypatch.delenv(egress.POLICY_ENV)
+    egress.ray_worker_setup()
+    with pytest.raises(urllib.error.URLError, match="egress policy unavailable"):
+        urllib.request.urlopen(f"{main_server.base}/img.png")
+    assert recorder.connections == 0
+
+
 def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
                           cwd="/")
@@ -579,7 +606,8 @@ def run_img2dataset(tmp_path: Path, urls: list[str], extra_env: dict[str, str]):
 
     inputs, out = tmp_path / "urls.parquet", tmp_path / "out"
     pq.write_table(pa.table({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]}), inputs)
-    base = {k: v for k, v in os.environ.items() if k not in (egress.POLICY_ENV, egress.PIXELS_ENV)}
+    base = {k: v for k, v in os.environ.items()
+            if k not in (egress.POLICY_ENV, egress.PIXELS_ENV, egress.TAR_FORMAT_ENV)}
     env = {**base, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", **extra_env}
     proc = subprocess.run([sys.executable, "-c", IMG2DATASET, str(inputs), str(out)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)

@@ -113,7 +113,8 @@ def test_ray_runner_and_distributor_match_the_defaults(tmp_path, prefect_api):
         if stage != "semantic_filter":
             counted[(stage, reason)] = counted.get((stage, reason), 0) + 1
     assert counted == spec.expected_drop_counts()
-    # Ray's workers wrote their shards with plain tar headers too (the runtime_env's setup hook)
+    # Ray's workers wrote their shards with plain tar headers too (locally they inherit the download
+    # process's environment; the setup hook, which a cluster's workers rely on: test_egress)
     for workdir in ("local", "ray"):
         members, pax = tar_headers(f"{tmp_path}/{workdir}/shards/**/*.tar")
         assert members > 0 and pax == 0, (workdir, members, pax)

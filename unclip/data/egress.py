@@ -50,7 +50,8 @@ if TYPE_CHECKING:  # workers import this module at start-up: keep pydantic out o
 POLICY_ENV = "UNCLIP_EGRESS_POLICY"
 PIXELS_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"
 TAR_FORMAT_ENV = "UNCLIP_SHARD_TAR_FORMAT"
-TAR_FORMATS = {"gnu": tarfile.GNU_FORMAT, "ustar": tarfile.USTAR_FORMAT, "pax": tarfile.PAX_FORMAT}
+TAR_FORMATS = {"gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}  # not ustar: no names over 100 characters
+SHARD_TAR_FORMAT = "gnu"  # what the ingest's workers write
 WORKERBOOT_DIR = str(Path(__file__).resolve().parent / "workerboot")
 
 # Per-fetch state rides on urllib's Request objects, as urllib's own redirect_dict does.
@@ -402,7 +403,7 @@ def worker_env(ingest_cfg: "IngestConfig", environ: Mapping[str, str] | None = N
     return {
         POLICY_ENV: policy_json(ingest_cfg),
         PIXELS_ENV: str(ingest_cfg.max_image_pixels),
-        TAR_FORMAT_ENV: "gnu",
+        TAR_FORMAT_ENV: SHARD_TAR_FORMAT,
         "PYTHONPATH": os.pathsep.join([WORKERBOOT_DIR, *rest]),
     }
 
@@ -411,8 +412,8 @@ def ray_worker_setup() -> None:
     """Ray's ``worker_process_setup_hook`` for img2dataset's ray distributor: every Ray worker of the
     ingest job installs the policy from ``$UNCLIP_EGRESS_POLICY`` (carried by the job's runtime_env)
     before it downloads anything. Fails closed: a policy that cannot be installed refuses every fetch.
-    It also sets the shards' tar format (``set_tar_format_from_env``)."""
-    set_tar_format_from_env()
+    Then it sets the shards' tar format (``set_tar_format_from_env``); if that fails it says so on
+    stderr and the worker goes on (its shards are valid tar files, only larger)."""
     try:
         if install_from_env() is None:
             raise RuntimeError(f"${POLICY_ENV} is not set in this Ray worker")
@@ -421,6 +422,10 @@ def ray_worker_setup() -> None:
         opener = urllib.request.OpenerDirector()
         opener.add_handler(_RefuseAll(reason))
         urllib.request.install_opener(opener)
+    try:
+        set_tar_format_from_env()
+    except ValueError as err:
+        print(f"unclip ray_worker_setup: shard tar format not set: {err}", file=sys.stderr)
 
 
 class _RefuseAll(urllib.request.BaseHandler):
@@ -436,6 +441,6 @@ def ray_runtime_env(ingest_cfg: "IngestConfig") -> dict:
     cap, the shards' tar format and the setup hook reach every worker process, on this machine or on a
     cluster."""
     return {"env_vars": {POLICY_ENV: policy_json(ingest_cfg), PIXELS_ENV: str(ingest_cfg.max_image_pixels),
-                         TAR_FORMAT_ENV: "gnu",
+                         TAR_FORMAT_ENV: SHARD_TAR_FORMAT,
                          "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"},
             "worker_process_setup_hook": "unclip.data.egress.ray_worker_setup"}
