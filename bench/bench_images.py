@@ -3,6 +3,7 @@ stack's sampling throughput.
 
     python bench/bench_images.py [--steps 30] [--repeats 3] [--stages decoder,upsampler1,upsampler2]
                                  [--images 512] [--sample-captions 8] [--checkpoint-every 1000]
+                                 [--upsampler-steps N1,N2]
 
 Preparation (not timed): webdataset shards of the demo's procedural scenes at 256 px (JPEG, with a
 stand-in CLIP image embedding per row in the kept Parquet, as the embed stage stores it); for the
@@ -21,14 +22,15 @@ batch 32, blur; upsampler 2 64 px crops of 256 px, batch 16, BSR).
 
 Timing as bench_priors: 5 warm-up steps, then windows of 5 steps, repeats alternating, ratio of the
 median windows. Sampling: images/s at the top of the chain (256 px) of ``Stack.generate`` with the
-demo's evaluation settings (diffusion prior 25 steps, decoder 25 steps at guidance 3, upsamplers 10
-and 8 steps), and each stage's share, with randomly initialised tiny models (the cost does not depend
+demo's evaluation settings (configs/demo.yaml's ``train.eval_generation``: diffusion prior 25 steps at
+guidance 2, decoder 25 steps at guidance 5, upsamplers 5 and 4 steps at eta 1), and each stage's share, with randomly initialised tiny models (the cost does not depend
 on the weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import statistics
 import sys
@@ -135,7 +137,7 @@ def sampling(args, work: Path) -> None:
     import torch
 
     from unclip import generate as gen
-    from unclip.config import ClipModelConfig
+    from unclip.config import ClipModelConfig, load_config
     from unclip.models import unet
     from unclip.models.prior import FLAVOURS, DiffusionPrior
     from unclip.train import image, prior
@@ -149,7 +151,10 @@ def sampling(args, work: Path) -> None:
                                             "unet": cfg.to_dict()}, None, str(work / kind), kind=kind,
                                             meta=image.META_FILE)["uri"]
     stack = gen.Stack.from_folders(folders, ClipModelConfig(arch="unclip-tiny", seed=0))
-    s = gen.Settings(prior_steps=25, decoder_steps=25, upsampler_steps=(10, 8), batch_size=args.sample_captions)
+    demo = load_config(ROOT / "configs" / "demo.yaml", variables={"workdir": str(work)})
+    s = dataclasses.replace(gen.Settings.of(demo.train.eval_generation), batch_size=args.sample_captions)
+    if args.upsampler_steps:
+        s = dataclasses.replace(s, upsampler_steps=tuple(int(v) for v in args.upsampler_steps.split(",")))
     captions = [f"a small red circle at the top and {i} blue squares" for i in range(args.sample_captions)]
     stack.generate(captions[:2], s=s, seed=0)  # warm-up
     g = torch.Generator().manual_seed(0)
@@ -164,7 +169,7 @@ def sampling(args, work: Path) -> None:
     stack.upsample("upsampler2", up1, s.upsampler_steps[1], g, s.upsampler_eta)
     t4 = time.perf_counter()
     n = len(captions)
-    print(f"sampling the stack, {n} captions at once: {n / (t4 - t0):.3f} images/s at 256 px "
+    print(f"sampling the stack, {n} captions at once, upsamplers {s.upsampler_steps[0]} and {s.upsampler_steps[1]} steps: {n / (t4 - t0):.3f} images/s at 256 px "
           f"({(t4 - t0) / n:.2f} s an image: prior {(t1 - t0) / n:.3f} s, decoder 16 px {(t2 - t1) / n:.3f} s, "
           f"upsampler 1 to 64 px {(t3 - t2) / n:.3f} s, upsampler 2 to 256 px {(t4 - t3) / n:.3f} s); "
           f"to 64 px only: {n / (t3 - t0):.3f} images/s")
@@ -181,6 +186,8 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, default=0, help="the trainer's DataLoader worker processes "
                     "(0: decode in the training process, as the demo)")
     ap.add_argument("--no-sampling", action="store_true", help="skip the stack's sampling throughput")
+    ap.add_argument("--upsampler-steps", default=None, help="N1,N2: the upsamplers' DDIM steps when sampling "
+                    "(default: configs/demo.yaml's train.eval_generation.upsampler_steps)")
     ap.add_argument("--tar-format", choices=("gnu", "pax"), default="gnu",
                     help="the shards' tar headers: gnu, as the ingest writes them; pax, as img2dataset alone does")
     args = ap.parse_args()
