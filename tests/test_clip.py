@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import yaml
@@ -230,6 +232,21 @@ def test_sigkilled_clip_run_resumes_to_the_same_weights(tmp_path):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["task_state"] == b["task_state"]
+
+
+def test_the_logit_scale_is_bounded_after_each_step():
+    from unclip.train.clip import ClipTask
+
+    task = ClipTask(ClipTrainConfig(arch="unclip-tiny"), pa.table({"x": []}))
+    model = task.build_model(task.model_config())
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000))
+        task.after_step(model)  # the trainer calls it under no_grad after each optimiser step
+    assert model.logit_scale.item() == pytest.approx(math.log(100))
+    with torch.no_grad():
+        model.logit_scale.fill_(-1.0)
+        task.after_step(model)
+    assert model.logit_scale.item() == 0.0
 
 
 @pytest.mark.parametrize("arch,covered", [("unclip-ViT-H-16-256", 0.9), ("unclip-tiny", 0.1),

@@ -117,6 +117,18 @@ def test_respacing_keeps_the_cumulative_alphas_and_maps_timesteps():
     torch.testing.assert_close(d.respaced(1000).betas, d.betas)
     with pytest.raises(ValueError):
         d.respaced(0)
+    # one step samples from pure noise: it is the last step, and the model is told so
+    one = d.respaced(1)
+    assert one.timesteps.tolist() == [999]
+    seen = []
+
+    def model(x_t, t_model):
+        seen.append(t_model.tolist())
+        return torch.full_like(x_t, 0.3)
+
+    x = one.sample(model, (2, 3), generator=torch.Generator().manual_seed(0), sampler="ddim", eta=0.0)
+    assert seen == [[999, 999]]
+    torch.testing.assert_close(x, torch.full((2, 3), 0.3))
 
 
 @pytest.mark.parametrize("target", list(Target))

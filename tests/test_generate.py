@@ -122,6 +122,29 @@ def test_variations_interpolations_and_text_diffs(stack):
     assert z.shape == (1, 1024) and x_t.shape == (1, 3, 16, 16) and torch.isfinite(x_t).all()
 
 
+def test_inversion_and_decoding_use_one_guided_decoder(stack, monkeypatch):
+    """x_T is found with the decoder that then samples from it (guidance, caption or the null text), so
+    a text diff's first frame (fraction 0, eta 0) gives the image back."""
+    calls = []
+    decoder_fn = gen.Stack._decoder_fn
+
+    def spy(self, tokens, z, guidance, **kw):
+        calls.append((guidance, kw.get("drop_text", False), kw.get("drop_image", False)))
+        return decoder_fn(self, tokens, z, guidance, **kw)
+
+    monkeypatch.setattr(gen.Stack, "_decoder_fn", spy)
+    s = dataclasses.replace(SETTINGS, decoder_guidance=3.0)
+    img = torch.rand(3, 256, 256) * 2 - 1
+    stack.text_diff(img, "a blue square", 2, base_caption="a red circle", s=s, seed=0)
+    assert calls == [(3.0, False, False)] * 2  # the inversion, then the decoding
+    calls.clear()
+    stack.variations(img, 2, caption="  ", s=s, seed=0)  # no caption: the null text both times
+    assert calls == [(3.0, True, False)] * 2
+    calls.clear()
+    stack.interpolate(img, img, 2, s=s, seed=0)
+    assert calls == [(3.0, True, False)]
+
+
 def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
     x = np.random.default_rng(0).standard_normal((400, 8))
     assert abs(eval_generation.frechet_distance(x, x)) < 1e-6

@@ -144,3 +144,19 @@ def test_prefetched_batches_are_the_same_batches_and_the_thread_ends_with_the_ru
     with pytest.raises(tr.NonFiniteLossError):
         tr.Trainer(_NanTask(files, _cfg(prefetch_batches=2)), _cfg(prefetch_batches=2), str(tmp_path / "run")).run()
     assert not [t for t in threading.enumerate() if t.name == "prefetch"]
+
+
+def test_the_caption_tokenizer_must_be_the_clip_bpe_the_text_encoders_read():
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from unclip.data import clip as clip_data
+
+    clip_data.register_project_configs()
+    tok = open_clip.get_tokenizer("unclip-tiny")
+    assert prior_train.check_caption_tokenizer(tok, "unclip-tiny") is tok
+    # one more special token: ids the embeddings do not have, the end of text no longer the highest id
+    with pytest.raises(ValueError, match="vocab 49409.*49408 tokens"):
+        prior_train.check_caption_tokenizer(SimpleTokenizer(additional_special_tokens=["<extra>"]), "other")
+    with pytest.raises(ValueError, match="tokenizes captions with function"):
+        prior_train.check_caption_tokenizer(lambda texts: None, "other")

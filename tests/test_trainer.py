@@ -147,6 +147,34 @@ def test_resume_continues_to_the_same_weights(tmp_path):
     assert len(glob.glob(str(tmp_path / "cut" / "checkpoints" / "*.pt"))) == 2  # keep_checkpoints
 
 
+class _BoundedToy(ToyTask):
+    """A task with a constraint on its weights, applied after each optimiser step (as CLIP bounds its
+    logit scale)."""
+
+    calls = 0
+
+    def after_step(self, model):
+        self.calls += 1
+        model[0].weight.clamp_(-0.05, 0.05)  # in place on a leaf: only allowed under no_grad
+
+
+def test_after_step_constrains_the_weights_before_the_ema_sees_them(tmp_path):
+    task = _BoundedToy()
+    res = tr.Trainer(task, _cfg(ema_decay=0.0), str(tmp_path)).run()  # decay 0: the EMA is the last weights
+    ck = tr.load_checkpoint(res.checkpoint)
+    assert task.calls == 12 and ck["model"]["0.weight"].abs().max() <= 0.05
+    assert torch.equal(ck["ema"]["module.0.weight"], ck["model"]["0.weight"])
+
+
+def test_a_checkpoint_resumes_only_on_the_number_of_processes_that_wrote_it(tmp_path):
+    res = tr.Trainer(ToyTask(), _cfg(steps=4, checkpoint_every=2), str(tmp_path)).run()
+    state = tr.load_checkpoint(res.checkpoint)
+    state["data_position"]["world_size"] = 2  # as a 2-process run would have written it
+    torch.save(state, res.checkpoint)
+    with pytest.raises(ValueError, match="written by 2 processes and this run has 1"):
+        tr.Trainer(ToyTask(), _cfg(steps=8, checkpoint_every=2), str(tmp_path)).run()
+
+
 class _EvalToy(EvalToyTask):
     """A held-out evaluation that also draws from the global RNGs, as a real one may."""
 

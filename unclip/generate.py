@@ -230,7 +230,8 @@ class Stack:
         if mode == "prior_ar":
             pca = self.extras["pca"]
             dot = torch.from_numpy(pca.sample_dot_bucket_upper_half(
-                np.random.default_rng(int(torch.randint(0, 2 ** 62, (), generator=g))), len(tokens)).astype(np.int64))
+                np.random.default_rng(int(torch.randint(0, 2 ** 62, (), generator=g, device=g.device))),
+                len(tokens)).astype(np.int64))
             codes = ar_model.sample(self.models[mode], tokens=trim_tokens(tokens), text_emb=text_emb,
                                     dot=dot.to(self.device), guidance=s.prior_guidance, temperature=s.ar_temperature,
                                     generator=g)
@@ -241,20 +242,25 @@ class Stack:
             return torch.zeros_like(text_emb)
         raise ValueError(f"unknown conditioning {mode!r}; one of {MODES}")
 
-    def _decoder_fn(self, tokens: torch.Tensor, z: torch.Tensor, guidance: float, *, drop_image: bool = False):
+    def _decoder_fn(self, tokens: torch.Tensor, z: torch.Tensor, guidance: float, *, drop_image: bool = False,
+                    drop_text: bool = False):
+        """(the guided decoder, its kwargs). ``drop_text``: no caption (the null text the decoder was trained
+        with on its dropped rows, rather than the tokens of an empty string, which it never saw)."""
         n = len(z)
         kwargs = {"tokens": trim_tokens(tokens), "image_emb": z,
-                  "drop_text": torch.zeros(n, dtype=torch.bool, device=self.device),
+                  "drop_text": torch.full((n,), drop_text, dtype=torch.bool, device=self.device),
                   "drop_image": torch.full((n,), drop_image, dtype=torch.bool, device=self.device)}
         ones = torch.ones(n, dtype=torch.bool, device=self.device)
         return guided(self.models["decoder"], guidance, uncond_kwargs={"drop_text": ones, "drop_image": ones}), kwargs
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, tokens: torch.Tensor, s: Settings, g: torch.Generator, *,
-               noise: torch.Tensor | None = None, eta: float | None = None, caption_only: bool = False) -> torch.Tensor:
-        """CLIP image embeddings (+ caption tokens) -> the decoder's images [N, 3, s, s] in [-1, 1]."""
+               noise: torch.Tensor | None = None, eta: float | None = None, caption_only: bool = False,
+               no_caption: bool = False) -> torch.Tensor:
+        """CLIP image embeddings (+ caption tokens, unless ``no_caption``) -> the decoder's images
+        [N, 3, s, s] in [-1, 1]."""
         model = self.models["decoder"]
-        fn, kwargs = self._decoder_fn(tokens, z, s.decoder_guidance, drop_image=caption_only)
+        fn, kwargs = self._decoder_fn(tokens, z, s.decoder_guidance, drop_image=caption_only, drop_text=no_caption)
         side = self.size("decoder")
         return model.diffusion().respaced(s.decoder_steps).sample(
             fn, (len(z), 3, side, side), noise=noise, model_kwargs=kwargs, generator=g, device=self.device,
@@ -306,12 +312,14 @@ class Stack:
     @torch.no_grad()
     def invert(self, image: torch.Tensor, caption: str, s: Settings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(z_i, x_T, tokens) of one image [3, H, W]: its CLIP image embedding, and the decoder noise that
-        deterministic DDIM (unguided, conditioned on z_i and ``caption``) maps to it."""
+        deterministic DDIM maps to it, with the same guided decoder that ``decode`` samples with (z_i,
+        ``caption`` or none when it is empty, ``s.decoder_guidance`` and ``s.decoder_steps``): decoding x_T at
+        eta 0 gives the image back, up to the inversion's discretisation error."""
         z = self.image_embedding(image[None])
         tokens, _ = self.text([caption])
         x0 = F.interpolate(image[None].float().to(self.device), size=(self.size("decoder"),) * 2, mode="bicubic",
                            antialias=True, align_corners=False).clamp(-1, 1)
-        fn, kwargs = self._decoder_fn(tokens, z, 1.0)
+        fn, kwargs = self._decoder_fn(tokens, z, s.decoder_guidance, drop_text=not caption.strip())
         x_t = self.models["decoder"].diffusion().respaced(s.decoder_steps).ddim_invert(fn, x0, model_kwargs=kwargs)
         return z, x_t, tokens
 
@@ -320,7 +328,8 @@ class Stack:
         """``n`` variations of an image: DDIM with ``eta`` > 0 from its (z_i, x_T)."""
         z, x_t, tokens = self.invert(image, caption, s)
         g = torch.Generator(device=self.device).manual_seed(seed)
-        first = self.decode(z.repeat(n, 1), tokens.repeat(n, 1), s, g, noise=x_t.repeat(n, 1, 1, 1), eta=eta)
+        first = self.decode(z.repeat(n, 1), tokens.repeat(n, 1), s, g, noise=x_t.repeat(n, 1, 1, 1), eta=eta,
+                            no_caption=not caption.strip())
         return [t.cpu() for t in self.chain(first, s, g)]
 
     def interpolate(self, a: torch.Tensor, b: torch.Tensor, n: int, *, caption: str = "", s: Settings = Settings(),
@@ -332,7 +341,7 @@ class Stack:
         side = self.size("decoder")
         noise = torch.randn((1, 3, side, side), generator=g, device=self.device).repeat(n, 1, 1, 1)
         tokens, _ = self.text([caption] * n)
-        first = self.decode(z, tokens, s, g, noise=noise, eta=0.0)
+        first = self.decode(z, tokens, s, g, noise=noise, eta=0.0, no_caption=not caption.strip())
         return [t.cpu() for t in self.chain(first, s, g, fixed_noise=True)]
 
     def text_diff(self, image: torch.Tensor, new_caption: str, n: int, *, base_caption: str = "",
@@ -344,7 +353,8 @@ class Stack:
         zd = F.normalize(texts[:1] - texts[1:], dim=-1)
         zs = torch.cat([slerp(z, zd, t) for t in np.linspace(0, max_angle, n)])
         g = torch.Generator(device=self.device).manual_seed(seed)
-        first = self.decode(zs, tokens.repeat(n, 1), s, g, noise=x_t.repeat(n, 1, 1, 1), eta=0.0)
+        first = self.decode(zs, tokens.repeat(n, 1), s, g, noise=x_t.repeat(n, 1, 1, 1), eta=0.0,
+                            no_caption=not base_caption.strip())
         return [t.cpu() for t in self.chain(first, s, g, fixed_noise=True)]
 
 

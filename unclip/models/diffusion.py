@@ -145,13 +145,15 @@ class GaussianDiffusion:
 
     # -- respacing ------------------------------------------------------------------------------------
     def respaced(self, steps: int | Sequence[int]) -> GaussianDiffusion:
-        """The same process on a subset of its steps (``steps`` evenly spaced ones, or the given
-        indices), for sampling in fewer steps with the model trained on all of them: each kept step's
-        cumulative alpha is unchanged, and the betas between kept steps are recomputed from them."""
+        """The same process on a subset of its steps (``steps`` evenly spaced ones from the last to the
+        first, or the given indices), for sampling in fewer steps with the model trained on all of them:
+        each kept step's cumulative alpha is unchanged, and the betas between kept steps are recomputed from them."""
         if isinstance(steps, int):
             if not 1 <= steps <= self.num_steps:
                 raise ValueError(f"respacing to {steps} steps of {self.num_steps}")
-            keep = sorted({round(i * (self.num_steps - 1) / max(1, steps - 1)) for i in range(steps)})
+            # the first and last steps always (one step: the last, since sampling starts from pure noise)
+            keep = ([self.num_steps - 1] if steps == 1 else
+                    sorted({round(i * (self.num_steps - 1) / (steps - 1)) for i in range(steps)}))
         else:
             keep = sorted(set(int(s) for s in steps))
             if not keep or keep[0] < 0 or keep[-1] >= self.num_steps:

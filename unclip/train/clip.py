@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -128,6 +129,11 @@ class ClipTask:
         for s in batch["source"]:
             self.counts[s] = self.counts.get(s, 0) + 1
         return loss, {"logit_scale": float(logit_scale.detach())}
+
+    def after_step(self, model: nn.Module) -> None:
+        """Bound the learned temperature as CLIP does: ``logit_scale`` (a log) in [0, ln 100], so the
+        logits are scaled by at most 100 (unbounded, it grows until the loss's softmax saturates)."""
+        model.logit_scale.clamp_(0, math.log(100))
 
     def state_dict(self) -> dict:
         return {"counts": dict(self.counts), "positions": dict(self.positions), "consumed": self.consumed}

@@ -250,7 +250,24 @@ def caption_tokenizer(release: dict, catalog_uri: str | None, config: RunConfig)
 
     arch = tokenizer_arch(release, catalog_uri, config)
     clip_data.register_project_configs()
-    return arch, open_clip.get_tokenizer(arch)
+    return arch, check_caption_tokenizer(open_clip.get_tokenizer(arch), arch)
+
+
+def check_caption_tokenizer(tokenizer, arch: str):
+    """``tokenizer`` if the priors' and the decoder's text encoders can read its tokens: open_clip's CLIP
+    BPE, whose ids they embed (``vocab_size``), 0 pads and the end-of-text token the highest id (where
+    they pool); else a ValueError before any training."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    expected = DiffusionPriorConfig.vocab_size  # the UNet's and the AR prior's too
+    if not isinstance(tokenizer, SimpleTokenizer) or tokenizer.vocab_size != expected or \
+            tokenizer.eot_token_id != expected - 1:
+        raise ValueError(
+            f"the CLIP {arch!r} tokenizes captions with {type(tokenizer).__name__} "
+            f"(vocab {getattr(tokenizer, 'vocab_size', '?')}, end of text {getattr(tokenizer, 'eot_token_id', '?')}); "
+            f"the priors and the decoder read open_clip's CLIP BPE ({expected} tokens, 0 pads, the end-of-text "
+            f"token {expected - 1}): embed the dataset with a CLIP that uses it")
+    return tokenizer
 
 
 def finish(trainer: Trainer, result, out_dir: str, arch: str | None, kind: str, train: pa.Table,

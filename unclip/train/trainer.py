@@ -80,7 +80,9 @@ class TrainTask(Protocol):
     # Optional: ``evaluate(model) -> dict[str, float]``, held-out metrics of the unwrapped (EMA when
     # there is one) model in eval mode, called on rank 0 every ``eval_every`` steps; ``fsdp_blocks(model)
     # -> list[nn.Module]``, the modules FSDP shards as units of their own (else the model's own
-    # ``fsdp_blocks()``); ``state_dict()`` / ``load_state_dict(state)``, the task's share of a checkpoint.
+    # ``fsdp_blocks()``); ``state_dict()`` / ``load_state_dict(state)``, the task's share of a checkpoint;
+    # ``after_step(model)``, called under no_grad after each optimiser step and before the EMA update (a
+    # constraint on the weights, such as CLIP's bound on its logit scale).
 
 
 @dataclass
@@ -285,11 +287,19 @@ class Trainer:
         # priors' 17M parameters (0.044 s against 0.318 s a step, 1 thread), memory-bound either way
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr_at(0, cfg), betas=cfg.betas,
                                       eps=cfg.eps, fused=True)
+        after_step = getattr(self.task, "after_step", None)
         step, resumed_from = 0, None
         if state:
             if state.get("stage") != self.task.name:
                 raise ValueError(f"{self.out_dir}: its checkpoint is of stage {state.get('stage')!r}, "
                                  f"not {self.task.name!r}")
+            saved_world = int(state.get("data_position", {}).get("world_size", len(state["rng"])))
+            if saved_world != ctx.world_size:
+                # each rank's data position and random state are its own: on another number of processes
+                # the streams are split differently, and resuming would repeat or skip samples
+                raise ValueError(f"{self.out_dir}: its checkpoint (step {state['step']}) was written by "
+                                 f"{saved_world} processes and this run has {ctx.world_size}; resume it with "
+                                 f"{saved_world}, or train the stage afresh in a new run")
             _load_full_state(wrapped, optimizer, state["model"], state["optimizer"])
             if ema is not None and state.get("ema") is not None:
                 _load_ema(ema, state["ema"], self.sharded)
@@ -345,6 +355,9 @@ class Trainer:
                         f"learning rate (now {lr:.3g}) or check the data.")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if after_step is not None:
+                    with torch.no_grad():
+                        after_step(model)
                 if ema is not None:
                     ema.update_parameters(model)
                     for (_, e), (_, c) in zip(ema_constants, model_constants):
