@@ -213,5 +213,6 @@ def test_unclip_generate_draws_with_the_released_models(demo, tmp_path):
         assert Image.open(out / e["file"]).size == (256, 256)
     var = tmp_path / "var"
     assert cli.main(["generate", "--workdir", str(w), "--out", str(var), "--variations", str(out / index[0]["file"]),
-                     "--n", "2", *fast]) == 0
-    assert [e["mode"] for e in json.loads((var / "index.json").read_text())] == ["variation", "variation"]
+                     "--n", "2", "--inversion-guidance", "1.5", *fast]) == 0
+    var_index = json.loads((var / "index.json").read_text())
+    assert [(e["mode"], e["inversion_guidance"]) for e in var_index] == [("variation", 1.5)] * 2

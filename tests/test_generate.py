@@ -125,6 +125,14 @@ def test_variations_interpolations_and_text_diffs(stack):
 def test_inversion_and_decoding_use_one_guided_decoder(stack, monkeypatch):
     """x_T is found with the decoder that then samples from it (guidance, caption or the null text), so
     a text diff's first frame (fraction 0, eta 0) gives the image back."""
+    img = torch.rand(3, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x0 = torch.nn.functional.interpolate(img[None], size=(16, 16), mode="bicubic", antialias=True,
+                                         align_corners=False).clamp(-1, 1)
+    s = dataclasses.replace(SETTINGS, decoder_steps=25, decoder_guidance=3.0)
+    for caption in ("a red circle", ""):
+        first = stack.text_diff(img, "a blue square", 2, base_caption=caption, s=s, seed=0)[0][0]
+        # 0.005 (either caption); inverting unguided and decoding at 3, or with an empty string's tokens: 0.04-0.11
+        assert (first - x0[0]).pow(2).mean() < 0.01
     calls = []
     decoder_fn = gen.Stack._decoder_fn
 
@@ -134,14 +142,13 @@ def test_inversion_and_decoding_use_one_guided_decoder(stack, monkeypatch):
 
     monkeypatch.setattr(gen.Stack, "_decoder_fn", spy)
     s = dataclasses.replace(SETTINGS, decoder_guidance=3.0)
-    img = torch.rand(3, 256, 256) * 2 - 1
     stack.text_diff(img, "a blue square", 2, base_caption="a red circle", s=s, seed=0)
-    assert calls == [(3.0, False, False)] * 2  # the inversion, then the decoding
+    assert calls == [(gen.INVERSION_GUIDANCE, False, False)] * 2  # the inversion, then the decoding
     calls.clear()
-    stack.variations(img, 2, caption="  ", s=s, seed=0)  # no caption: the null text both times
-    assert calls == [(3.0, True, False)] * 2
+    stack.variations(img, 2, caption="  ", s=s, seed=0, guidance=2.0)  # no caption: the null text both times
+    assert calls == [(2.0, True, False)] * 2
     calls.clear()
-    stack.interpolate(img, img, 2, s=s, seed=0)
+    stack.interpolate(img, img, 2, s=s, seed=0)  # no inversion: the text-to-image guidance
     assert calls == [(3.0, True, False)]
 
 

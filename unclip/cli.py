@@ -132,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
                        "norm(z_t - z_t0), z_t0 from --base-caption)")
     g.add_argument("--base-caption", default="", help="--text-diff: a caption of IMAGE as it is (default: empty)")
     g.add_argument("--eta", type=float, default=0.8, help="--variations: DDIM eta (default 0.8)")
+    g.add_argument("--inversion-guidance", type=float, default=None, help="--variations / --text-diff: the decoder "
+                   "guidance of both the inversion and the decoding from its noise (default 1, unguided: where DDIM "
+                   "inversion gives the image back)")
     g.add_argument("--steps", type=int, default=5, help="--interpolate / --text-diff: images along the path")
 
     for name, what in (("datasets", "dataset versions in the catalog"), ("runs", "training runs and their lineage"),
@@ -320,11 +323,13 @@ def generate(args) -> int:
     base = {"seed": args.seed, "prior": args.prior, "models": stack.versions, "sampling": sampling}
     entries: list[dict] = []
     start = time.monotonic()
+    inversion_guidance = gen.INVERSION_GUIDANCE if args.inversion_guidance is None else args.inversion_guidance
     if args.variations:
         images = stack.variations(load(args.variations), args.n, caption=args.base_caption, eta=args.eta,
-                                  s=settings, seed=args.seed)
+                                  s=settings, seed=args.seed, guidance=inversion_guidance)
         entries = gen.write_images(images, out, [{**base, "mode": "variation", "source": args.variations,
-                                                  "caption": args.base_caption, "eta": args.eta, "index": i}
+                                                  "caption": args.base_caption, "eta": args.eta,
+                                                  "inversion_guidance": inversion_guidance, "index": i}
                                                  for i in range(args.n)], "variation")
     elif args.interpolate:
         a, b = (load(p) for p in args.interpolate)
@@ -334,9 +339,10 @@ def generate(args) -> int:
                                                  for i in range(args.steps)], "interpolation")
     elif args.text_diff:
         images = stack.text_diff(load(args.text_diff), args.captions[0], args.steps, base_caption=args.base_caption,
-                                 s=settings, seed=args.seed)
+                                 s=settings, seed=args.seed, guidance=inversion_guidance)
         entries = gen.write_images(images, out, [{**base, "mode": "text_diff", "source": args.text_diff,
                                                   "caption": args.captions[0], "base_caption": args.base_caption,
+                                                  "inversion_guidance": inversion_guidance,
                                                   "t": i / max(1, args.steps - 1)} for i in range(args.steps)],
                                    "text-diff")
     else:

@@ -38,6 +38,13 @@ from unclip.train.image import square, to_pil, to_tensor
 
 MODES = ("prior_diffusion", "prior_ar", "text_embedding", "caption_only")
 IMAGE_STAGES = ("decoder", "upsampler1", "upsampler2")
+# The decoder guidance of the operations that start from an image's inverted noise (variations, text
+# diffs): inversion and decoding must share it to give the image back, and unguided is where DDIM
+# inversion is stable. On the demo's decoder (25 steps, 16 of its source images) decoding the inverted
+# noise at eta 0 gave the image back with MSE 0.0015 at guidance 1 (0.0001 at 100 steps), 0.0051 at 2,
+# 0.033 at 5, where 3 of 16 images came back wrong (MSE up to 0.22), and 0.033 inverting at 1 and
+# decoding at 5 (bench/inversion.py; docs/training.md, "Generation").
+INVERSION_GUIDANCE = 1.0
 
 
 @dataclass(frozen=True)
@@ -256,11 +263,12 @@ class Stack:
     @torch.no_grad()
     def decode(self, z: torch.Tensor, tokens: torch.Tensor, s: Settings, g: torch.Generator, *,
                noise: torch.Tensor | None = None, eta: float | None = None, caption_only: bool = False,
-               no_caption: bool = False) -> torch.Tensor:
+               no_caption: bool = False, guidance: float | None = None) -> torch.Tensor:
         """CLIP image embeddings (+ caption tokens, unless ``no_caption``) -> the decoder's images
-        [N, 3, s, s] in [-1, 1]."""
+        [N, 3, s, s] in [-1, 1], at ``guidance`` (default ``s.decoder_guidance``)."""
         model = self.models["decoder"]
-        fn, kwargs = self._decoder_fn(tokens, z, s.decoder_guidance, drop_image=caption_only, drop_text=no_caption)
+        fn, kwargs = self._decoder_fn(tokens, z, s.decoder_guidance if guidance is None else guidance,
+                                      drop_image=caption_only, drop_text=no_caption)
         side = self.size("decoder")
         return model.diffusion().respaced(s.decoder_steps).sample(
             fn, (len(z), 3, side, side), noise=noise, model_kwargs=kwargs, generator=g, device=self.device,
@@ -310,26 +318,28 @@ class Stack:
 
     # -- the bipartite latent -----------------------------------------------------------------------
     @torch.no_grad()
-    def invert(self, image: torch.Tensor, caption: str, s: Settings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def invert(self, image: torch.Tensor, caption: str, s: Settings, *,
+               guidance: float = INVERSION_GUIDANCE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(z_i, x_T, tokens) of one image [3, H, W]: its CLIP image embedding, and the decoder noise that
-        deterministic DDIM maps to it, with the same guided decoder that ``decode`` samples with (z_i,
-        ``caption`` or none when it is empty, ``s.decoder_guidance`` and ``s.decoder_steps``): decoding x_T at
-        eta 0 gives the image back, up to the inversion's discretisation error."""
+        deterministic DDIM maps to it, conditioned on z_i and ``caption`` (none when it is empty) at
+        ``guidance``, in ``s.decoder_steps``: decoding x_T at eta 0 with the same conditioning and guidance
+        gives the image back, up to the inversion's discretisation error."""
         z = self.image_embedding(image[None])
         tokens, _ = self.text([caption])
         x0 = F.interpolate(image[None].float().to(self.device), size=(self.size("decoder"),) * 2, mode="bicubic",
                            antialias=True, align_corners=False).clamp(-1, 1)
-        fn, kwargs = self._decoder_fn(tokens, z, s.decoder_guidance, drop_text=not caption.strip())
+        fn, kwargs = self._decoder_fn(tokens, z, guidance, drop_text=not caption.strip())
         x_t = self.models["decoder"].diffusion().respaced(s.decoder_steps).ddim_invert(fn, x0, model_kwargs=kwargs)
         return z, x_t, tokens
 
     def variations(self, image: torch.Tensor, n: int, *, caption: str = "", eta: float = 0.8, s: Settings = Settings(),
-                   seed: int = 0) -> list[torch.Tensor]:
-        """``n`` variations of an image: DDIM with ``eta`` > 0 from its (z_i, x_T)."""
-        z, x_t, tokens = self.invert(image, caption, s)
+                   seed: int = 0, guidance: float = INVERSION_GUIDANCE) -> list[torch.Tensor]:
+        """``n`` variations of an image: DDIM with ``eta`` > 0 from its (z_i, x_T), inverted and decoded
+        at ``guidance``."""
+        z, x_t, tokens = self.invert(image, caption, s, guidance=guidance)
         g = torch.Generator(device=self.device).manual_seed(seed)
         first = self.decode(z.repeat(n, 1), tokens.repeat(n, 1), s, g, noise=x_t.repeat(n, 1, 1, 1), eta=eta,
-                            no_caption=not caption.strip())
+                            no_caption=not caption.strip(), guidance=guidance)
         return [t.cpu() for t in self.chain(first, s, g)]
 
     def interpolate(self, a: torch.Tensor, b: torch.Tensor, n: int, *, caption: str = "", s: Settings = Settings(),
@@ -345,16 +355,18 @@ class Stack:
         return [t.cpu() for t in self.chain(first, s, g, fixed_noise=True)]
 
     def text_diff(self, image: torch.Tensor, new_caption: str, n: int, *, base_caption: str = "",
-                  s: Settings = Settings(), seed: int = 0, max_angle: float = 0.5) -> list[torch.Tensor]:
+                  s: Settings = Settings(), seed: int = 0, max_angle: float = 0.5,
+                  guidance: float = INVERSION_GUIDANCE) -> list[torch.Tensor]:
         """``n`` images from the image's z_i toward z_d = norm(z_t - z_t0) (slerp fractions 0 ..
-        ``max_angle``), each decoded from the image's inverted x_T, so only the embedding moves."""
-        z, x_t, tokens = self.invert(image, base_caption, s)
+        ``max_angle``), each decoded from the image's inverted x_T at the inversion's ``guidance``, so only
+        the embedding moves (the first frame is the image)."""
+        z, x_t, tokens = self.invert(image, base_caption, s, guidance=guidance)
         _, texts = self.text([new_caption, base_caption])
         zd = F.normalize(texts[:1] - texts[1:], dim=-1)
         zs = torch.cat([slerp(z, zd, t) for t in np.linspace(0, max_angle, n)])
         g = torch.Generator(device=self.device).manual_seed(seed)
         first = self.decode(zs, tokens.repeat(n, 1), s, g, noise=x_t.repeat(n, 1, 1, 1), eta=0.0,
-                            no_caption=not base_caption.strip())
+                            no_caption=not base_caption.strip(), guidance=guidance)
         return [t.cpu() for t in self.chain(first, s, g, fixed_noise=True)]
 
 
