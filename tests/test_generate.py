@@ -188,3 +188,12 @@ def test_eval_generation_measures_every_mode_and_writes_a_grid_and_samples(folde
     none = eval_generation.evaluate_generation(config, files, files, {}, str(tmp_path / "none"), release=release,
                                                catalog_uri=None)
     assert none["metrics"]["modes_evaluated"] == 0 and "decoder" in none["metrics"]["skipped"]
+
+
+@pytest.mark.parametrize("args", [["--interpolate", "a.png", "b.png", "--steps", "0"],
+                                  ["--decoder-steps", "0", "a red circle"], ["--prior-steps", "-1", "a red circle"]])
+def test_generate_refuses_step_counts_below_one_before_loading_anything(tmp_path, capsys, args):
+    from unclip import cli
+
+    assert cli.main(["generate", "--workdir", str(tmp_path), "--out", str(tmp_path / "out"), *args]) == 2
+    assert "at least 1" in capsys.readouterr().err and not (tmp_path / "out").exists()

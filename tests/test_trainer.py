@@ -271,6 +271,17 @@ def test_batch_must_split_over_processes_and_accumulation():
 
 
 @pytest.mark.slow
+def test_fsdp_on_one_process_evaluates_and_trains_on(tmp_path):
+    """FSDP on one process trains and evaluates (on a gathered plain copy, as with more processes)."""
+    cfg = _cfg(steps=3, checkpoint_every=10, eval_every=1)
+    launch(LaunchConfig(nproc_per_node=1, backend="gloo", strategy="fsdp"), "toy_task",
+           ["--out", str(tmp_path), "--config", cfg.model_dump_json(), "--strategy", "fsdp", "--evaluate"],
+           log_path=str(tmp_path / "one.log"), env=ENV, timeout_s=180)
+    history = json.loads((tmp_path / "eval_history.json").read_text())
+    assert [e["step"] for e in history] == [1, 2, 3] and tr.load_step(str(tmp_path)) == 3
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(strategy, tmp_path):
     cfg = _cfg(steps=4, checkpoint_every=2, eval_every=2)
@@ -289,6 +300,8 @@ def test_two_processes_match_one_process(strategy, tmp_path):
                 assert e["mse"] == pytest.approx(want["mse"], rel=1e-5, abs=1e-7), e
         b = tr.load_checkpoint(tr.latest_checkpoint(str(tmp_path / "two")))
         assert b["step"] == 4 and b["data_position"]["world_size"] == 2 and len(b["rng"]) == 2
+        # the ranks draw their own random numbers (one seed would give every rank the same noise)
+        assert not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])
         for part, shift in (("model", 0.0), ("ema", ema_shift)):  # full tensors, not one rank's FSDP shards
             assert b[part].keys() == a[part].keys()
             for k in a[part]:

@@ -296,6 +296,10 @@ def generate(args) -> int:
             raise ValueError("--upsampler-steps takes two positive counts, e.g. 20,10; --n at least 1")
         if args.upsampler_eta is not None and not 0.0 <= args.upsampler_eta <= 1.0:
             raise ValueError(f"--upsampler-eta {args.upsampler_eta}: between 0 and 1")
+        for flag, value in (("--prior-steps", args.prior_steps), ("--decoder-steps", args.decoder_steps),
+                            ("--steps", args.steps)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} {value}: at least 1")
         modes = [args.captions] if not (args.variations or args.interpolate or args.text_diff) else []
         if modes and not args.captions:
             raise ValueError("give at least one caption (or --variations / --interpolate / --text-diff)")

@@ -57,7 +57,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     mu = a.mean(0) - b.mean(0)
     sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(sa @ sb, disp=False)
+    covmean = linalg.sqrtm(sa @ sb)  # (its disp argument is deprecated in SciPy 1.17, gone in 1.18)
     if not np.isfinite(covmean).all():  # near-singular product (few samples): regularise, as pytorch-fid does
         eps = 1e-6 * np.eye(len(sa))
         covmean = linalg.sqrtm((sa + eps) @ (sb + eps))

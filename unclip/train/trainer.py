@@ -288,6 +288,11 @@ class Trainer:
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr_at(0, cfg), betas=cfg.betas,
                                       eps=cfg.eps, fused=True)
         after_step = getattr(self.task, "after_step", None)
+        # every rank built the same weights from one seed; from here on each draws its own random numbers
+        # (diffusion timesteps and noise, dropped conditioning), else a global batch holds each draw
+        # world_size times. Rank 0 keeps the single-process stream. A resumed run restores each rank's own.
+        if ctx.rank > 0:
+            torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)
         step, resumed_from = 0, None
         if state:
             if state.get("stage") != self.task.name:
@@ -487,9 +492,11 @@ class Trainer:
         if not hasattr(self.task, "evaluate"):
             return
         full = None
-        if self.sharded and self.ctx.world_size > 1:
+        if self.sharded:
             # each rank holds shards of the weights: every rank takes part in gathering them (onto rank 0's
-            # CPU, as a checkpoint does), and rank 0 evaluates a plain copy, as the stage's release does
+            # CPU, as a checkpoint does), and rank 0 evaluates a plain copy, as the stage's release does; also on
+            # one process, where the sharded module's parameters are DTensors that a method other than forward
+            # (the diffusion prior's sampling calls ``prefix``) meets unsharded
             full = _full_model_state(model)
         if not self.main:
             return
