@@ -158,17 +158,22 @@ def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
     assert abs(eval_generation.frechet_distance(x, x + 2.0) - 8 * 4.0) < 1e-3
 
 
-def test_eval_generation_measures_every_mode_and_writes_a_grid_and_samples(folders, tmp_path):
+def test_eval_generation_measures_every_mode_and_writes_a_grid_and_samples(folders, tmp_path, monkeypatch):
     files = make_pair_shards(tmp_path / "data", {"dalle": 24}, samples_per_shard=8, image_emb=True)
     config = load_config(ROOT / "configs" / "demo.yaml", {"train": {"eval_generation": {
         "eval_captions": 6, "grid_captions": 2, "judge_images": 16, "judge_steps": 2, "decoder_steps": 2,
-        "prior_steps": 2, "upsampler_steps": [2, 2], "batch_size": 8}}}, variables={"workdir": str(tmp_path)})
+        "prior_steps": 2, "upsampler_steps": [2, 2], "batch_size": 8, "metrics_at": "upsampler2"}}},
+        variables={"workdir": str(tmp_path)})
     previous = {k: {"outputs": {"model": v}} for k, v in folders.items()}
     release = {"config": {"embed": {"model": CLIP.model_dump()}}}
+    sides: list[int] = []  # every image CLIP embeds, real or generated, comes at metrics_at's side
+    embed = gen.Stack.image_embedding
+    monkeypatch.setattr(gen.Stack, "image_embedding", lambda self, x: sides.append(x.shape[-1]) or embed(self, x))
     done = eval_generation.evaluate_generation(config, files, files, previous, str(tmp_path / "out"),
                                                release=release, catalog_uri=None)
     m = done["metrics"]
-    assert m["modes_evaluated"] == 3 and m["captions"] == 6 and m["metrics_at_size"] == 64
+    assert m["modes_evaluated"] == 3 and m["captions"] == 6 and m["metrics_at_size"] == 256
+    assert len(sides) == 2 + 3 and set(sides) == {256}, sides  # held-out and training real, then each mode
     for mode in ("prior_diffusion", "text_embedding", "caption_only", "real"):
         assert np.isfinite(m[f"{mode}/clip_score"]) and m[f"{mode}/fd_clip"] >= -1e-6, mode
         assert 0 <= m[f"{mode}/colour_acc"] <= 1 and 0 <= m[f"{mode}/shape_acc_chance"] <= 1, mode

@@ -8,7 +8,8 @@ the images at ``metrics_at`` (a stage of the chain) for the first ``eval_caption
 
 - ``clip_score``: the project's CLIP, cosine of each generated image with its caption, averaged;
 - ``fd_clip``: the Frechet distance between the CLIP image features of the generated images and of the
-  held-out real images (means and covariances, scipy's ``sqrtm``); small samples bias it upward, so
+  held-out real images, both taken at ``metrics_at``'s side and resized alike to CLIP's (means and
+  covariances, scipy's ``sqrtm``); small samples bias it upward, so
   ``real/fd_clip`` (as many training images against the held-out ones) is the floor to read it by;
 - where the tars carry the demo's ``scene_json``: ``colour_acc`` and ``shape_acc``, the fraction of
   the captions' objects whose colour (shape) an attribute classifier (``unclip.train.judge``, trained
@@ -64,8 +65,15 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2 * np.trace(covmean.real))
 
 
-def _real_images(files, n: int, size: int) -> dict:
-    return pairs.held_out_images(files, n, lambda img: to_tensor(square(img, size)))
+def _real_images(files, n: int, size: int, *, clip_size: int | None = None) -> dict:
+    """The first ``n`` images of ``files`` at ``size`` (``image``), and with ``clip_size`` the same
+    images also at that side (``clip_image``), from one read: the CLIP features of real images are taken
+    from them at the side the generated images they are compared with have."""
+    if clip_size is None:
+        return pairs.held_out_images(files, n, lambda img: to_tensor(square(img, size)))
+    both = pairs.held_out_images(files, n, lambda img: {"image": to_tensor(square(img, size)),
+                                                        "clip_image": to_tensor(square(img, clip_size))})
+    return {**both, **both["image"]}
 
 
 def _scenes(meta: list[dict]) -> list[dict] | None:
@@ -112,14 +120,16 @@ def evaluate_generation(run_config, train_files, eval_files, previous: dict[str,
                                    clip_version=gen.clip_version(release), device=device)
     settings = gen.Settings.of(cfg)
     modes = [m for m in gen.MODES if m not in PRIOR_STAGES or m in folders]
-    side = judge_mod.JUDGE_SIZE
-    held = _real_images(held_files, cfg.eval_captions, side)
+    # the judge reads 64 px images; CLIP reads the real ones at the side of the generated ones (metrics_at),
+    # each resized to CLIP's own side alike (not a 64 px image enlarged against a large one reduced)
+    side, clip_side = judge_mod.JUDGE_SIZE, stack.size(cfg.metrics_at)
+    held = _real_images(held_files, cfg.eval_captions, side, clip_size=clip_side)
     captions = held["caption"]
     _, text_emb = stack.text(captions)
-    real_feats = stack.image_embedding(held["image"])
-    train_real = _real_images(prior.generative_files(train_files, generative), len(captions), side)
+    real_feats = stack.image_embedding(held["clip_image"])
+    train_real = _real_images(prior.generative_files(train_files, generative), len(captions), clip_side)
     metrics: dict[str, Any] = {
-        "captions": len(captions), "metrics_at": cfg.metrics_at, "metrics_at_size": stack.size(cfg.metrics_at),
+        "captions": len(captions), "metrics_at": cfg.metrics_at, "metrics_at_size": clip_side,
         "real/clip_score": float((real_feats * text_emb).sum(-1).mean()),
         "real/fd_clip": frechet_distance(stack.image_embedding(train_real["image"]).cpu().numpy(),
                                          real_feats.cpu().numpy()),
