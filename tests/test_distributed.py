@@ -118,3 +118,27 @@ def _processes_with(text: str) -> list[int]:
         except OSError:  # exited while we looked
             continue
     return pids
+
+
+def test_the_process_group_waits_the_configured_time_for_its_collectives(monkeypatch):
+    """Rank 0 evaluates while the others wait at the next collective: the group's timeout is the
+    launch config's (60 minutes by default), not torch's 10 for nccl."""
+    import socket
+
+    import torch.distributed as dist
+
+    from unclip.train import distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+    assert LaunchConfig().timeout_minutes * 60 == distributed.COLLECTIVE_TIMEOUT_S == 3600
+    distributed.init("gloo", timeout_s=123)
+    try:
+        backend = dist.group.WORLD._get_backend(torch.device("cpu"))
+        assert backend.options._timeout.total_seconds() == 123  # (private: torch is pinned)
+    finally:
+        distributed.cleanup()

@@ -126,6 +126,31 @@ def test_one_training_step_and_an_evaluation_of_each_image_model(stage, residual
         assert torch.equal(v, loaded.state_dict()[k]), k
 
 
+@pytest.mark.parametrize("stage", ["decoder", "upsampler1"])
+def test_evaluation_in_small_batches_measures_what_one_batch_does(stage, shards):
+    """eval_batch_size bounds the images per forward pass (the paper's 1024 px upsampler cannot sample
+    32 at once) and changes no metric: heldout_mse's noise and the samples' start noise are drawn for
+    all images first (eta 0 here: the steps draw none)."""
+    metrics, batches = [], []
+    for bs in (8, 3):
+        kw = {} if stage == "decoder" else {"sample_eta": 0.0, "eval_samples": 2}
+        task = _task(stage, shards, _cfg(stage, eval_images=8, eval_batch_size=bs, **kw))
+        torch.manual_seed(0)
+        model = task.build_model(task.model_config()).eval()
+        with torch.no_grad():  # the zero-initialised output layers filled in, so the outputs depend on the inputs
+            for p in model.parameters():
+                if not p.abs().sum():
+                    p.normal_(0, 0.02)
+        seen: list[int] = []
+        model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+        metrics.append(task.evaluate(model))
+        batches.append(max(seen))
+    assert batches == [8, 3]
+    assert metrics[0].keys() == metrics[1].keys() and metrics[0]["heldout_images"] == 8
+    for k, v in metrics[0].items():
+        assert metrics[1][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
 class _NanTask(image.ImageTask):
     calls = 0
 

@@ -273,6 +273,9 @@ class LaunchConfig(_Strict):
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="DDP replicates the model; FSDP shards it.")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="'auto': nccl on GPUs, gloo on CPU.")
     rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous for nnodes > 1.")
+    timeout_minutes: float = Field(60.0, gt=0.0, description="How long a collective waits for every process "
+                                   "before the job fails (torch's nccl default is 10): the other ranks wait while "
+                                   "rank 0 evaluates.")
     gpu_slots: int = Field(1, ge=1, description="GPUs a training job uses per node (the Job's gpu_count).")
 
     @model_validator(mode="after")
@@ -413,6 +416,10 @@ class ImageTrainConfig(StageTrainConfig):
                             "(the paper's 64 -> 256 -> 1024).")
     sample_steps: int = Field(50, ge=1, description="DDIM steps when sampling (evaluation, generation).")
     eval_images: int = Field(32, ge=2, description="Held-out images each evaluation uses.")
+    eval_batch_size: int = Field(32, ge=1, description="Held-out images per forward pass in evaluation "
+                                 "(heldout_mse, the upsamplers' samples): it bounds the evaluation's memory "
+                                 "(a few per GPU for the paper's 1024 px upsampler). heldout_mse does not depend "
+                                 "on it; the samples' metrics do only through the steps' noise at eta > 0.")
     shuffle_buffer: int = Field(1000, ge=1, description="Samples in the shuffle buffer.")
     lr: float = Field(1e-4, gt=0.0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decay, on 2-D weights only.")

@@ -12,6 +12,7 @@ the same calls give a one-process context, no process group and an unwrapped mod
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import os
 import subprocess
@@ -33,6 +34,7 @@ from unclip.prefect_server import terminate_group
 # workers live in their own sessions, out of reach of our group kill, so torchrun must outlive them.
 _STOP_GRACE_S = 45.0
 _TAIL_LINES = 40
+COLLECTIVE_TIMEOUT_S = LaunchConfig.model_fields["timeout_minutes"].default * 60
 
 
 class LaunchError(RuntimeError):
@@ -153,10 +155,13 @@ class DistContext:
     device: torch.device
 
 
-def init(backend: Literal["auto", "gloo", "nccl"] = "auto") -> DistContext:
+def init(backend: Literal["auto", "gloo", "nccl"] = "auto", *, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> DistContext:
     """Join the job's process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, ...).
 
-    'auto' is nccl when CUDA is available, else gloo. With CUDA each process takes the GPU of its
+    ``timeout_s``: how long a collective waits for the other processes before the job fails (torch's
+    own default is 10 minutes for nccl): rank 0 evaluates while the others wait at the next step's
+    collective, and a large model's evaluation may take longer than that. 'auto' is nccl when CUDA is
+    available, else gloo. With CUDA each process takes the GPU of its
     LOCAL_RANK. Outside torchrun no group is created: rank 0 of 1, and the other helpers here act
     as their one-process identities.
     """
@@ -177,7 +182,8 @@ def init(backend: Literal["auto", "gloo", "nccl"] = "auto") -> DistContext:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     # binding nccl to its device up front creates its communicator eagerly, not at the first collective
-    dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    dist.init_process_group(backend, device_id=device if backend == "nccl" else None,
+                            timeout=datetime.timedelta(seconds=timeout_s))
     return DistContext(rank, world_size, local_rank, device)
 
 
@@ -271,7 +277,7 @@ def stage_main(stage: str, description: str, train: Callable[..., dict | None]) 
         context["stage"] = a.stage  # one module may serve several stages (upsampler1, upsampler2)
         config = RunConfig.model_validate(context["config"])
         out = storage.join(a.run_dir, a.stage)
-        dist_ctx = init(config.train.launch.backend)
+        dist_ctx = init(config.train.launch.backend, timeout_s=config.train.launch.timeout_minutes * 60)
         try:
             result = train(config, context, out, dist_ctx)
             if result is not None:
