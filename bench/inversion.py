@@ -60,9 +60,9 @@ def main() -> None:
             for name, text, g_inv, g_dec in cases:
                 tokens, _ = stack.text([text])
                 with torch.no_grad():
-                    fn, kw = stack._decoder_fn(tokens, z, g_inv, drop_text=not text)
+                    fn, kw = stack._decoder_fn(tokens, z, g_inv)
                     x_t = process.ddim_invert(fn, x0, model_kwargs=kw)
-                    fn, kw = stack._decoder_fn(tokens, z, g_dec, drop_text=not text)
+                    fn, kw = stack._decoder_fn(tokens, z, g_dec)
                     x = process.sample(fn, x0.shape, noise=x_t, model_kwargs=kw, sampler="ddim", eta=0.0)
                 errors.setdefault(name, []).append(float((x - x0).pow(2).mean()))
         reference = None

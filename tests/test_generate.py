@@ -137,19 +137,24 @@ def test_inversion_and_decoding_use_one_guided_decoder(stack, monkeypatch):
     decoder_fn = gen.Stack._decoder_fn
 
     def spy(self, tokens, z, guidance, **kw):
-        calls.append((guidance, kw.get("drop_text", False), kw.get("drop_image", False)))
-        return decoder_fn(self, tokens, z, guidance, **kw)
+        fn, kwargs = decoder_fn(self, tokens, z, guidance, **kw)
+        calls.append((guidance, kwargs["drop_text"].tolist(), kwargs["drop_image"].tolist()))
+        return fn, kwargs
 
     monkeypatch.setattr(gen.Stack, "_decoder_fn", spy)
     s = dataclasses.replace(SETTINGS, decoder_guidance=3.0)
     stack.text_diff(img, "a blue square", 2, base_caption="a red circle", s=s, seed=0)
-    assert calls == [(gen.INVERSION_GUIDANCE, False, False)] * 2  # the inversion, then the decoding
+    assert calls == [(gen.INVERSION_GUIDANCE, [False], [False]), (gen.INVERSION_GUIDANCE, [False] * 2, [False] * 2)]
     calls.clear()
     stack.variations(img, 2, caption="  ", s=s, seed=0, guidance=2.0)  # no caption: the null text both times
-    assert calls == [(2.0, True, False)] * 2
+    assert calls == [(2.0, [True], [False]), (2.0, [True] * 2, [False] * 2)]
     calls.clear()
     stack.interpolate(img, img, 2, s=s, seed=0)  # no inversion: the text-to-image guidance
-    assert calls == [(3.0, True, False)]
+    assert calls == [(3.0, [True] * 2, [False] * 2)]
+    calls.clear()
+    # text to image: an empty caption is the null text too, row by row, beside captioned rows
+    stack.generate(["a red circle", "", "a blue square"], mode="caption_only", s=s, seed=0, top="decoder")
+    assert calls == [(3.0, [False, True, False], [True] * 3)]
 
 
 def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():

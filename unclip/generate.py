@@ -33,7 +33,7 @@ from unclip import catalog, storage
 from unclip.models import ar_prior as ar_model
 from unclip.models import prior as prior_model
 from unclip.models.diffusion import guided
-from unclip.models.prior import trim_tokens
+from unclip.models.prior import empty_captions, trim_tokens
 from unclip.train.image import square, to_pil, to_tensor
 
 MODES = ("prior_diffusion", "prior_ar", "text_embedding", "caption_only")
@@ -249,13 +249,13 @@ class Stack:
             return torch.zeros_like(text_emb)
         raise ValueError(f"unknown conditioning {mode!r}; one of {MODES}")
 
-    def _decoder_fn(self, tokens: torch.Tensor, z: torch.Tensor, guidance: float, *, drop_image: bool = False,
-                    drop_text: bool = False):
-        """(the guided decoder, its kwargs). ``drop_text``: no caption (the null text the decoder was trained
-        with on its dropped rows, rather than the tokens of an empty string, which it never saw)."""
+    def _decoder_fn(self, tokens: torch.Tensor, z: torch.Tensor, guidance: float, *, drop_image: bool = False):
+        """(the guided decoder, its kwargs). A row whose caption is empty (its tokens hold nothing between
+        start and end of text) gets the null text the decoder was trained with on its dropped rows, not
+        the tokens of an empty string, which it never saw."""
         n = len(z)
-        kwargs = {"tokens": trim_tokens(tokens), "image_emb": z,
-                  "drop_text": torch.full((n,), drop_text, dtype=torch.bool, device=self.device),
+        tokens = trim_tokens(tokens).to(self.device)
+        kwargs = {"tokens": tokens, "image_emb": z, "drop_text": empty_captions(tokens),
                   "drop_image": torch.full((n,), drop_image, dtype=torch.bool, device=self.device)}
         ones = torch.ones(n, dtype=torch.bool, device=self.device)
         return guided(self.models["decoder"], guidance, uncond_kwargs={"drop_text": ones, "drop_image": ones}), kwargs
@@ -263,12 +263,12 @@ class Stack:
     @torch.no_grad()
     def decode(self, z: torch.Tensor, tokens: torch.Tensor, s: Settings, g: torch.Generator, *,
                noise: torch.Tensor | None = None, eta: float | None = None, caption_only: bool = False,
-               no_caption: bool = False, guidance: float | None = None) -> torch.Tensor:
-        """CLIP image embeddings (+ caption tokens, unless ``no_caption``) -> the decoder's images
-        [N, 3, s, s] in [-1, 1], at ``guidance`` (default ``s.decoder_guidance``)."""
+               guidance: float | None = None) -> torch.Tensor:
+        """CLIP image embeddings + caption tokens -> the decoder's images [N, 3, s, s] in [-1, 1], at
+        ``guidance`` (default ``s.decoder_guidance``)."""
         model = self.models["decoder"]
         fn, kwargs = self._decoder_fn(tokens, z, s.decoder_guidance if guidance is None else guidance,
-                                      drop_image=caption_only, drop_text=no_caption)
+                                      drop_image=caption_only)
         side = self.size("decoder")
         return model.diffusion().respaced(s.decoder_steps).sample(
             fn, (len(z), 3, side, side), noise=noise, model_kwargs=kwargs, generator=g, device=self.device,
@@ -328,7 +328,7 @@ class Stack:
         tokens, _ = self.text([caption])
         x0 = F.interpolate(image[None].float().to(self.device), size=(self.size("decoder"),) * 2, mode="bicubic",
                            antialias=True, align_corners=False).clamp(-1, 1)
-        fn, kwargs = self._decoder_fn(tokens, z, guidance, drop_text=not caption.strip())
+        fn, kwargs = self._decoder_fn(tokens, z, guidance)
         x_t = self.models["decoder"].diffusion().respaced(s.decoder_steps).ddim_invert(fn, x0, model_kwargs=kwargs)
         return z, x_t, tokens
 
@@ -339,7 +339,7 @@ class Stack:
         z, x_t, tokens = self.invert(image, caption, s, guidance=guidance)
         g = torch.Generator(device=self.device).manual_seed(seed)
         first = self.decode(z.repeat(n, 1), tokens.repeat(n, 1), s, g, noise=x_t.repeat(n, 1, 1, 1), eta=eta,
-                            no_caption=not caption.strip(), guidance=guidance)
+                            guidance=guidance)
         return [t.cpu() for t in self.chain(first, s, g)]
 
     def interpolate(self, a: torch.Tensor, b: torch.Tensor, n: int, *, caption: str = "", s: Settings = Settings(),
@@ -351,7 +351,7 @@ class Stack:
         side = self.size("decoder")
         noise = torch.randn((1, 3, side, side), generator=g, device=self.device).repeat(n, 1, 1, 1)
         tokens, _ = self.text([caption] * n)
-        first = self.decode(z, tokens, s, g, noise=noise, eta=0.0, no_caption=not caption.strip())
+        first = self.decode(z, tokens, s, g, noise=noise, eta=0.0)
         return [t.cpu() for t in self.chain(first, s, g, fixed_noise=True)]
 
     def text_diff(self, image: torch.Tensor, new_caption: str, n: int, *, base_caption: str = "",
@@ -366,7 +366,7 @@ class Stack:
         zs = torch.cat([slerp(z, zd, t) for t in np.linspace(0, max_angle, n)])
         g = torch.Generator(device=self.device).manual_seed(seed)
         first = self.decode(zs, tokens.repeat(n, 1), s, g, noise=x_t.repeat(n, 1, 1, 1), eta=0.0,
-                            no_caption=not base_caption.strip(), guidance=guidance)
+                            guidance=guidance)
         return [t.cpu() for t in self.chain(first, s, g, fixed_noise=True)]
 
 

@@ -259,6 +259,12 @@ def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
 
 
+def empty_captions(tokens: torch.Tensor) -> torch.Tensor:
+    """bool [N]: the rows of caption tokens [N, L] (CLIP's BPE, 0 pads) that hold nothing between start
+    and end of text, as an empty or blank caption tokenizes."""
+    return (tokens != 0).sum(dim=-1) <= 2
+
+
 def training_loss(model: nn.Module, cfg: DiffusionPriorConfig, diffusion: GaussianDiffusion, *,
                   image_emb: torch.Tensor, text_emb: torch.Tensor, tokens: torch.Tensor,
                   generator: torch.Generator | None = None) -> torch.Tensor:
