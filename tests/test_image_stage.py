@@ -142,7 +142,7 @@ def test_evaluation_in_small_batches_measures_what_one_batch_does(stage, shards)
                 if not p.abs().sum():
                     p.normal_(0, 0.02)
         seen: list[int] = []
-        model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+        model.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(len(args[0])))
         metrics.append(task.evaluate(model))
         batches.append(max(seen))
     assert batches == [8, 3]

@@ -85,7 +85,10 @@ class Settings:
                 run = catalog.get_run(where, run_id)
             except catalog.CatalogError:
                 run = {}
-            cfg = (((run.get("config") or {}).get("train") or {}).get("eval_generation"))
+            # the settings its eval_generation ran with (an ``evaluate`` may have used another config),
+            # else the run's config (runs recorded before stages kept their settings)
+            cfg = (((run.get("stages") or {}).get("eval_generation") or {}).get("settings")
+                   or (((run.get("config") or {}).get("train") or {}).get("eval_generation")))
             if cfg:
                 return cls.of(cfg), f"run {run_id}'s eval_generation"
         return cls(), "defaults"

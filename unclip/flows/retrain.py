@@ -118,7 +118,7 @@ def _evaluate_name() -> str:
 
 
 def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], where: str, workdir: str,
-                skip_finished: bool = False) -> dict:
+                skip_finished: bool = False, final_state: str = "completed") -> dict:
     log = get_run_logger()
     # the split is the run's: evaluate reuses the fraction retrain held out, whatever its config says
     run.setdefault("eval_fraction", cfg.train.eval_fraction)
@@ -134,13 +134,15 @@ def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], wher
                               lineage={"run_id": run["run_id"], "dataset_version": release["version"],
                                        "release": release["release"], "pca_version": run.get("pca_version"),
                                        "code_version": run.get("code_version")})
-    if any(stages.REGISTRY[n].gpu for n in names):
+    todo = [n for n in sorted(names, key=list(stages.REGISTRY).index)
+            if not (skip_finished and n in run.get("stages", {}))]
+    for name in sorted(set(names) - set(todo), key=list(stages.REGISTRY).index):
+        log.info("%s: finished in this run before, skipped", name)
+    stages.check(ctx, todo)  # what would fail a stage when it starts, before any of them does
+    if any(stages.REGISTRY[n].gpu for n in todo):
         locks.ensure_gpu_limit()
-    for name in sorted(names, key=list(stages.REGISTRY).index):
+    for name in todo:
         stage = stages.REGISTRY[name]
-        if skip_finished and name in run.get("stages", {}):
-            log.info("%s: finished in this run before, skipped", name)
-            continue
         runner = train_tasks.run_stage.with_options(tags=[locks.GPU_TAG] if stage.gpu else [])
         run["state"] = f"running {name}"
         catalog.save_run(where, run)
@@ -149,22 +151,25 @@ def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], wher
             model = train_tasks.publish_model(where, name, result, cfg, ctx.lineage)
             run.setdefault("models", {})[name] = model["version"]
         ctx.previous[name] = result
-        run.setdefault("stages", {})[name] = {"kind": stage.kind, **result,
+        # the stage's own settings as it ran (evaluate may run with another config than the run's)
+        section = getattr(cfg.train, name, None)
+        settings = {"settings": section.model_dump(mode="json")} if isinstance(section, BaseModel) else {}
+        run.setdefault("stages", {})[name] = {"kind": stage.kind, **result, **settings,
                                               "finished_at": dt.datetime.now(dt.timezone.utc).isoformat()}
         run.setdefault("metrics", {}).update({f"{name}/{k}": v for k, v in result["metrics"].items()
                                               if isinstance(v, (int, float, str, bool))})
         if name == "pca":  # the models trained after it in this run are coded with it (the AR prior)
             run["pca_version"] = ctx.lineage["pca_version"] = result["metrics"]["pca_version"]
         log.info("%s: %s", name, json.dumps(result["metrics"], default=str)[:500])
-    run["state"] = "completed"
+    run["state"] = final_state
     return catalog.save_run(where, run)
 
 
 def _run_and_publish(run: dict, cfg: RunConfig, release: dict, names: list[str], where: str, workdir: str,
-                     failure: str, skip_finished: bool = False) -> dict:
+                     failure: str, skip_finished: bool = False, final_state: str = "completed") -> dict:
     """Run the stages; a failure is recorded in the run's catalog entry before it propagates."""
     try:
-        run = _run_stages(run, cfg, release, names, where, workdir, skip_finished)
+        run = _run_stages(run, cfg, release, names, where, workdir, skip_finished, final_state)
     except BaseException as err:
         run["state"] = f"{failure}: {type(err).__name__}: {err}"[:500]
         catalog.save_run(where, run)
@@ -217,7 +222,14 @@ def evaluate(params: EvaluateParams) -> dict:
     workdir = storage.absolute(params.workdir)
     where = params.catalog or catalog.locate(workdir)[0]
     run = catalog.get_run(where, params.run_id)
+    if catalog.run_is_live(run):  # its flow holds its own copy of the record: one of the two would be lost
+        raise RuntimeError(f"run {params.run_id} is live ({run['state']!r}, last beat {run.get('updated_at')}): "
+                           "evaluate it once it has finished or failed (a run that stopped without saying so "
+                           f"counts as live for {catalog.RUN_LEASE_S / 60:.0f} minutes after its last beat)")
     cfg = (load_config(resolve_config_path(params.config), variables={"workdir": workdir}) if params.config
            else RunConfig.model_validate(run["config"]))
     release = catalog.resolve(where, run["config"]["name"], run["dataset_version"])
-    return _run_and_publish(run, cfg, release, list(params.stages), where, workdir, "evaluation failed")
+    # an evaluation leaves the training's state as it was: a failed run evaluated is still a failed run
+    # (``unclip demo`` resumes a run that is not "completed")
+    return _run_and_publish(run, cfg, release, list(params.stages), where, workdir, "evaluation failed",
+                            final_state=run.get("state", "completed"))

@@ -84,6 +84,55 @@ def names(kind: str | None = None) -> list[str]:
     return [n for n, s in REGISTRY.items() if kind is None or s.kind == kind]
 
 
+CAPTION_STAGES = ("prior_diffusion", "prior_ar", "decoder")  # read the captions' tokens
+GENERATIVE_STAGES = (*CAPTION_STAGES, "upsampler1", "upsampler2")  # train on the generative sources' rows
+
+
+def check(ctx: StageContext, names: list[str]) -> None:
+    """Before a run's first stage, what would otherwise fail a stage only when it starts (after the
+    stages before it, maybe weeks of training, and again on every resume, which keeps the run's
+    config): every problem of every stage in ``names``, in one ``ConfigError``."""
+    import torch
+
+    from unclip.config import ConfigError
+    from unclip.train import image, prior, prior_ar
+
+    cfg, launch = ctx.config, ctx.config.train.launch
+    world = launch.nnodes * launch.nproc_per_node
+    problems: list[str] = []
+    for name in names:
+        section = getattr(cfg.train, name, None)
+        if REGISTRY[name].module and section is not None and (section.batch_size // section.grad_accum) % world:
+            problems.append(f"train.{name}.batch_size {section.batch_size} does not split into {section.grad_accum} "
+                            f"micro-batch(es) over {world} processes (train.launch: {launch.nnodes} node(s) x "
+                            f"{launch.nproc_per_node})")
+        if name in GENERATIVE_STAGES:
+            try:
+                prior.prior_data(cfg, ctx.train_files, ctx.eval_files, name)
+            except ValueError as err:
+                problems.append(str(err))
+        if name in image.STAGES:
+            stored = image.shard_image_size(ctx.release)
+            if stored is not None and stored < section.image_size:
+                problems.append(f"train.{name}.image_size {section.image_size}: the dataset version's images are "
+                                f"{stored} px (ingest.image_size); ingest at the top of the chain's size")
+        if name == "prior_ar" and "pca" not in names:
+            try:
+                prior_ar.pca_for(ctx.previous, ctx.release)
+            except ValueError as err:
+                problems.append(str(err))
+    if any(n in CAPTION_STAGES for n in names):
+        try:
+            prior.caption_tokenizer(ctx.release, ctx.catalog, cfg)
+        except ValueError as err:
+            problems.append(str(err))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and launch.backend != "gloo" and launch.nproc_per_node > gpus and any(REGISTRY[n].module for n in names):
+        problems.append(f"train.launch.nproc_per_node {launch.nproc_per_node}: this machine has {gpus} GPU(s)")
+    if problems:
+        raise ConfigError("the run's stages cannot run as configured:\n- " + "\n- ".join(problems))
+
+
 def split_files(files: pa.Table, eval_fraction: float) -> tuple[pa.Table, pa.Table]:
     """Held-out shards chosen by a hash of the shard name, so stable as the dataset grows, and at
     least one held-out shard of each source that has two or more (so every source, the generative

@@ -1,0 +1,156 @@
+"""The retrain and evaluate flows around the stages: the checks before a run's first stage, evaluate
+on a live or failed run, the settings a stage ran with, the heartbeat and torchrun's progress and
+log. Small hand-made catalogs; the deployment and demo tests run the flows for real."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from unclip import catalog, storage
+from unclip import generate as gen
+from unclip.config import ConfigError, parse_config
+from unclip.tasks import train as train_tasks
+from unclip.tasks.common import Progress
+from unclip.train import stages
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pair_shards import publish_pairs_release  # noqa: E402
+
+BASE = {"name": "unit", "sources": [{"name": "gen", "url_list": "/nowhere/*.parquet", "for_generative": True},
+                                    {"name": "other", "url_list": "/nowhere/*.parquet", "for_generative": False}],
+        "embed": {"model": {"arch": "unclip-tiny", "seed": 0}}}
+
+
+def _files(*sources: str) -> pa.Table:
+    return pa.table({"source": list(sources), "shard": [f"shards/{s}/{i:05d}" for i, s in enumerate(sources)],
+                     "kept": ["-"] * len(sources), "rows": [8] * len(sources)})
+
+
+def _ctx(train: dict | None = None, *, sources=("gen", "other"), release: dict | None = None) -> stages.StageContext:
+    cfg = parse_config({**BASE, "train": train or {}})
+    return stages.StageContext("r", "/tmp/r", cfg, release if release is not None else
+                               {"pca": "/pca.npz", "config": {"ingest": {"image_size": 1024}}},
+                               _files(*sources), _files(*sources))
+
+
+def test_a_runs_stages_are_checked_before_the_first_starts():
+    stages.check(_ctx(), stages.names())  # the defaults on a version with generative rows and a PCA: nothing
+    ctx = _ctx({"launch": {"nproc_per_node": 3}, "decoder": {"batch_size": 32}, "prior_ar": {"batch_size": 48},
+                "upsampler1": {"batch_size": 48, "image_size": 256}, "upsampler2": {"batch_size": 48, "image_size": 1024}},
+               release={"config": {"ingest": {"image_size": 256}}})
+    with pytest.raises(ConfigError) as err:
+        stages.check(ctx, ["prior_ar", "decoder", "upsampler1", "upsampler2"])
+    # every problem at once, each naming its field; upsampler 1 (256 px, 48 over 3) has none
+    problems = str(err.value).splitlines()[1:]
+    assert problems == [
+        "- prior_ar: the dataset version has no PCA and the run fitted none (add the `pca` stage)",
+        "- train.decoder.batch_size 32 does not split into 1 micro-batch(es) over 3 processes "
+        "(train.launch: 1 node(s) x 3)",
+        "- train.upsampler2.image_size 1024: the dataset version's images are 256 px (ingest.image_size); ingest "
+        "at the top of the chain's size"], problems
+    # a run that fits the PCA itself needs none from the version
+    stages.check(_ctx(release={"config": {}}), ["pca", "prior_ar"])
+    # no generative rows in the training split: the trainings that read them say so
+    with pytest.raises(ConfigError, match=r"decoder: no training rows from the generative sources \['gen'\]"):
+        stages.check(_ctx(sources=("other",)), ["decoder"])
+    stages.check(_ctx(sources=("other",)), ["clip", "eval_retrieval"])  # CLIP trains on every source
+
+
+def test_evaluate_refuses_a_live_run_and_keeps_a_failed_runs_state(tmp_path, prefect_api):
+    from prefect import flow
+
+    from unclip.flows.retrain import EvaluateParams, _run_stages, evaluate
+
+    where = str(tmp_path / "catalog")
+    catalog.save_run(where, {"run_id": "run-live", "state": "running decoder", "dataset_version": "ds-x",
+                             "started_at": "2026-01-01T00:00:00+00:00", "config": {"name": "unit"}})
+    with pytest.raises(RuntimeError, match="run run-live is live .'running decoder'.*once it has finished or failed"):
+        evaluate.fn(EvaluateParams(run_id="run-live", workdir=str(tmp_path), catalog=where))
+    # the stages as an evaluation runs them, on a run that failed and on one that completed: the state stays
+    # (a stand-in for eval_priors, so the stage's settings section is recorded with its result)
+    seen = []
+    real = stages.REGISTRY["eval_priors"]
+    stages.REGISTRY["eval_priors"] = stages.Stage("eval_priors", "eval", lambda ctx: seen.append(ctx.run_id) or {
+        "outputs": {}, "metrics": {"x": 1}}, "test stage")
+    release = publish_pairs_release(tmp_path, parse_config(BASE), {"gen": 4}, samples_per_shard=2)
+    cfg = parse_config({**BASE, "train": {"eval_priors": {"eval_pairs": 7}}})
+    try:
+        @flow
+        def run_it(state):
+            r = {"run_id": "run-f", "run_dir": str(tmp_path), "state": state}
+            return _run_stages(r, cfg, release, ["eval_priors"], where, str(tmp_path), final_state=state)
+
+        for state in ("failed: LaunchError: torchrun ...", "completed"):
+            done = run_it(state)
+            assert done["state"] == state and done["metrics"]["eval_priors/x"] == 1
+            assert catalog.get_run(where, "run-f")["state"] == state
+            assert done["stages"]["eval_priors"]["settings"]["eval_pairs"] == 7
+    finally:
+        stages.REGISTRY["eval_priors"] = real
+    assert seen == ["run-f", "run-f"]
+
+
+def test_generation_settings_are_those_the_runs_eval_generation_ran_with(tmp_path):
+    where = str(tmp_path / "catalog")
+    config = {"train": {"eval_generation": {"decoder_guidance": 2.0, "decoder_steps": 7}}}
+    catalog.save_run(where, {"run_id": "old", "config": config})
+    assert gen.Settings.of_run(where, "old")[0].decoder_steps == 7
+    # evaluated since with another config: the stage's own settings win
+    catalog.save_run(where, {"run_id": "new", "config": config, "stages": {"eval_generation": {
+        "settings": {"decoder_guidance": 4.0, "decoder_steps": 9}}}})
+    s, source = gen.Settings.of_run(where, "new")
+    assert (s.decoder_guidance, s.decoder_steps) == (4.0, 9) and "new" in source
+
+
+def test_the_heartbeat_beats_while_a_stage_runs_and_outlives_a_failed_beat(tmp_path, monkeypatch, caplog):
+    where = str(tmp_path / "catalog")
+    first = catalog.save_run(where, {"run_id": "r", "state": "running x", "started_at": "2026-01-01T00:00:00+00:00"})
+    monkeypatch.setattr(train_tasks, "HEARTBEAT_S", 0.05)
+    ctx = stages.StageContext("r", str(tmp_path), parse_config(BASE), {}, _files(), _files(), catalog=where)
+    beats = []
+    save = catalog.save_run
+    monkeypatch.setattr(catalog, "save_run", lambda w, run: beats.append(run["run_id"]) or save(w, run))
+    with train_tasks._heartbeat(ctx):
+        time.sleep(0.3)
+    assert len(beats) >= 2 and set(beats) == {"r"} and catalog.get_run(where, "r")["state"] == first["state"]
+    n = len(beats)
+    time.sleep(0.15)
+    assert len(beats) == n  # stopped with the stage
+
+    def unreachable(*a, **k):
+        raise OSError("503 Slow Down")
+
+    monkeypatch.setattr(catalog, "get_run", unreachable)
+    with caplog.at_level(logging.WARNING), train_tasks._heartbeat(ctx):
+        time.sleep(0.3)
+    assert "heartbeat" in caplog.text and "503 Slow Down" in caplog.text
+
+
+def test_torchruns_progress_survives_a_failed_read_and_its_log_reaches_a_remote_run_folder(tmp_path, monkeypatch):
+    storage.write_json(str(tmp_path / "progress.json"), {"step": 3})
+    with Progress("train-toy", 10, "toy", unit="step") as progress:
+        watch = train_tasks._Watcher(str(tmp_path), progress)
+        watch()
+        assert progress.done == 3
+        real = storage.read_json
+        monkeypatch.setattr(storage, "read_json", lambda uri: (_ for _ in ()).throw(OSError("connection reset")))
+        watch()  # skipped, not raised: raising would stop the torchrun job
+        monkeypatch.setattr(storage, "read_json", real)
+        storage.write_json(str(tmp_path / "progress.json"), {"step": 5})
+        watch()
+        assert progress.done == 5 and watch.failures == 0
+    uri = "memory://runs/r/decoder/torchrun.log"
+    with pytest.raises(RuntimeError), train_tasks._local_log(uri) as path:
+        assert not path.startswith("memory:")
+        with open(path, "w") as f:
+            f.write("rank 0 failed\n")
+        raise RuntimeError("the job failed")
+    assert storage.read_bytes(uri) == b"rank 0 failed\n"  # uploaded, failed or not
+    with train_tasks._local_log(str(tmp_path / "torchrun.log")) as path:
+        assert path == str(tmp_path / "torchrun.log")
