@@ -194,6 +194,11 @@ def test_retrain_clip_publishes_a_model_that_plain_open_clip_loads(tmp_path, pre
     assert cli.main(["retrain", "--workdir", str(w), "--resume", run_id]) == 0
     capsys.readouterr()
     assert len(catalog.models(str(w / "catalog"))) == 1
+    # and records the code it resumed with (the lineage of what it trains from there on)
+    from unclip import manifest
+
+    resumed = catalog.get_run(str(w / "catalog"), run_id)
+    assert resumed["state"] == "completed" and resumed["resumes"][-1]["code_version"] == manifest.code_version()
 
 
 @pytest.mark.slow

@@ -253,6 +253,18 @@ def test_dockerfile_steps(kind):
     user = [rest for op, rest in ops if op == "USER"][-1]
     assert re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", user), "numeric non-root USER (for runAsNonRoot)"
     assert "ENTRYPOINT" not in [op for op, _ in ops]  # the Kubernetes worker passes the command as args
+    # the commit reaches the lineage through a build argument (the image copies no .git)
+    assert ("ARG", "CODE_VERSION") in ops and "UNCLIP_CODE_VERSION=${CODE_VERSION}" in env
+
+
+def test_an_images_code_version_is_its_build_argument(monkeypatch):
+    from unclip import manifest
+
+    code_version = manifest.code_version.__wrapped__  # uncached
+    monkeypatch.setenv("UNCLIP_CODE_VERSION", "0123456789ab")
+    assert code_version() == "0.1.0+g0123456789ab"
+    monkeypatch.setenv("UNCLIP_CODE_VERSION", "")  # built without it: the checkout's commit, else the version
+    assert code_version().startswith("0.1.0")
 
 
 def test_cluster_versions_agree():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 
@@ -83,7 +84,12 @@ def _stage_rank(stage: str) -> int:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """``<package version>+g<commit>[.dirty]`` when running from a git checkout, else the version."""
+    """``<package version>+g<commit>[.dirty]`` when running from a git checkout, ``<package
+    version>+g<UNCLIP_CODE_VERSION>`` in an image built with ``--build-arg CODE_VERSION=<commit>``
+    (which copies no .git), else the package version alone."""
+    built = os.environ.get("UNCLIP_CODE_VERSION", "").strip()
+    if built:
+        return f"{unclip.__version__}+g{built}"
     root = Path(unclip.__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],

@@ -133,7 +133,7 @@ def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], wher
                               previous=dict(run.get("stages", {})), catalog=where,
                               lineage={"run_id": run["run_id"], "dataset_version": release["version"],
                                        "release": release["release"], "pca_version": run.get("pca_version"),
-                                       "code_version": run.get("code_version")})
+                                       "code_version": (run.get("resumes") or [run])[-1].get("code_version")})
     todo = [n for n in sorted(names, key=list(stages.REGISTRY).index)
             if not (skip_finished and n in run.get("stages", {}))]
     for name in sorted(set(names) - set(todo), key=list(stages.REGISTRY).index):
@@ -198,7 +198,11 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
         run = catalog.get_run(where, params.resume)
         cfg = RunConfig.model_validate(run["config"])
         release = catalog.resolve(where, cfg.name, run["dataset_version"])
-        run.update(state="starting", resumed_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        run.update(state="starting", resumed_at=now)
+        # the code that trains from here on, which the models it publishes record (the run's code_version
+        # stays the one it started with)
+        run.setdefault("resumes", []).append({"at": now, "code_version": manifest.code_version()})
         return _run_and_publish(run, cfg, release, run["requested_stages"], where, workdir, "failed",
                                 skip_finished=True)
     cfg = load_config(resolve_config_path(params.config), params.config_overrides(), variables={"workdir": workdir})
