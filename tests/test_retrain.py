@@ -154,3 +154,18 @@ def test_torchruns_progress_survives_a_failed_read_and_its_log_reaches_a_remote_
     assert storage.read_bytes(uri) == b"rank 0 failed\n"  # uploaded, failed or not
     with train_tasks._local_log(str(tmp_path / "torchrun.log")) as path:
         assert path == str(tmp_path / "torchrun.log")
+
+
+def test_the_paper_configs_one_click_retrain_trains_paper_sized_models_that_pass_the_checks():
+    from unclip.config import load_config
+
+    paper = load_config(Path(__file__).resolve().parent.parent / "configs" / "paper.yaml")
+    chosen = stages.default_retrain_stages()
+    assert "clip" not in chosen and "prior_diffusion" in chosen  # CLIP is opt-in (its docstring says why)
+    trained = [n for n in chosen if stages.REGISTRY[n].module]
+    assert trained == ["prior_diffusion", "prior_ar", "decoder", "upsampler1", "upsampler2"]
+    for name in trained:
+        assert getattr(paper.train, name).flavour == "paper", name
+    ctx = stages.StageContext("r", "/tmp/r", paper, {"pca": "/pca.npz", "config": {"ingest": {"image_size": 1024}}},
+                              _files("clip", "dalle"), _files("clip", "dalle"))
+    stages.check(ctx, chosen)  # the batches split over its 8 GPUs, its images are 1024 px, ViT-H's BPE

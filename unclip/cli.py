@@ -96,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     rt.add_argument("--config", default=str(DEMO_CONFIG), help="run config YAML (default configs/demo.yaml)")
     rt.add_argument("--dataset-version", default="latest", help="'latest', a release (v000003) or ds-...")
     rt.add_argument("--stages", default=None,
-                    help=f"comma-separated, from: {', '.join(train_stages.names())} (default: all)")
+                    help=f"comma-separated, from: {', '.join(train_stages.names())} (default: all but clip, whose "
+                    "model the others would not use: they train on the dataset version's embeddings)")
     rt.add_argument("--resume", default=None, metavar="RUN_ID", help="continue this run (other options ignored)")
     rt.add_argument("--name", default=None, help="a label for the run")
     rt.add_argument("--verbose", action="store_true", help="also print Prefect's log lines")
@@ -245,7 +246,8 @@ def retrain(args) -> int:
     workdir = storage.absolute(args.workdir)
     try:
         overrides = parse_sets(args.sets)
-        chosen = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else train_stages.names()
+        chosen = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else \
+            train_stages.default_retrain_stages()
         unknown = [s for s in chosen if s not in train_stages.REGISTRY]
         if unknown:
             raise ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {', '.join(train_stages.names())}")

@@ -62,8 +62,9 @@ class RetrainParams(BaseModel):
     config: str = Field("configs/demo.yaml", description="Run config YAML (relative to the project root, or absolute).")
     workdir: str = Field("work/demo", description="The dataset's working directory (holds its catalog by default).")
     dataset_version: str = Field("latest", description="'latest', a release name (v000003) or a version (ds-...).")
-    stages: list[StageName] = Field(default_factory=lambda: list(stages.names()),
-                                    description="Stages to run, in pipeline order.")
+    stages: list[StageName] = Field(default_factory=stages.default_retrain_stages,
+                                    description="Stages to run, in pipeline order (by default all but `clip`: "
+                                    "the others train on the embeddings of the CLIP the dataset version names).")
     clip: StageSettings = Field(default_factory=StageSettings, description="Stage `clip`: CLIP training.")
     prior_diffusion: StageSettings = Field(default_factory=StageSettings,
                                            description="Stage `prior_diffusion`: the diffusion prior's training.")
@@ -110,7 +111,7 @@ def _retrain_name() -> str:
     p = _params()
     if p.get("resume"):
         return f"retrain: resume {p['resume']}"
-    return f"retrain: {','.join(p.get('stages') or stages.names())} on {p.get('dataset_version', 'latest')}"
+    return f"retrain: {','.join(p.get('stages') or stages.default_retrain_stages())} on {p.get('dataset_version', 'latest')}"
 
 
 def _evaluate_name() -> str:

@@ -88,6 +88,15 @@ CAPTION_STAGES = ("prior_diffusion", "prior_ar", "decoder")  # read the captions
 GENERATIVE_STAGES = (*CAPTION_STAGES, "upsampler1", "upsampler2")  # train on the generative sources' rows
 
 
+def default_retrain_stages() -> list[str]:
+    """What ``retrain`` runs when not told: every stage but ``clip``. The run's priors and image models
+    train on the dataset version's stored embeddings, made by the CLIP the version names; a CLIP trained
+    in the same run would reach them only after a refresh re-embeds with it (``embed.model: {catalog:
+    clip@latest}``), and would become ``clip@latest`` for that refresh whatever its size. Name ``clip``
+    to train one."""
+    return [n for n in names() if n != "clip"]
+
+
 def check(ctx: StageContext, names: list[str]) -> None:
     """Before a run's first stage, what would otherwise fail a stage only when it starts (after the
     stages before it, maybe weeks of training, and again on every resume, which keeps the run's
