@@ -169,3 +169,15 @@ def test_the_paper_configs_one_click_retrain_trains_paper_sized_models_that_pass
     ctx = stages.StageContext("r", "/tmp/r", paper, {"pca": "/pca.npz", "config": {"ingest": {"image_size": 1024}}},
                               _files("clip", "dalle"), _files("clip", "dalle"))
     stages.check(ctx, chosen)  # the batches split over its 8 GPUs, its images are 1024 px, ViT-H's BPE
+
+
+def test_a_runs_models_are_those_it_recorded_even_when_an_earlier_run_published_the_same_weights(tmp_path):
+    where = str(tmp_path / "catalog")
+    record = {"kind": "decoder", "uri": "/a", "weights_sha256": "ab" * 32, "run_id": "run-a", "metrics": {}}
+    first = catalog.publish_model(where, record)
+    again = catalog.publish_model(where, {**record, "uri": "/b", "run_id": "run-b"})  # a rerun, same weights
+    assert first["new"] and not again["new"] and again["run_id"] == "run-a"
+    catalog.save_run(where, {"run_id": "run-b", "models": {"decoder": again["version"]}})
+    assert gen._model_record(where, "decoder", "run-b")["version"] == first["version"]
+    with pytest.raises(catalog.CatalogError, match="run 'run-c' released no 'decoder' model"):
+        gen._model_record(where, "decoder", "run-c")

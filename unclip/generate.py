@@ -110,6 +110,12 @@ def from_pil(img: Image.Image, size: int) -> torch.Tensor:
 def _model_record(where: str, kind: str, run_id: str | None) -> dict:
     if run_id is None:
         return catalog.resolve_model(where, f"{kind}@latest")
+    try:  # the version the run recorded: the same weights published by an earlier run keep that run's record
+        version = (catalog.get_run(where, run_id).get("models") or {}).get(kind)
+    except catalog.CatalogError:
+        version = None
+    if version:
+        return catalog.resolve_model(where, f"{kind}@{version}")
     mine = [m for m in catalog.models(where, kind) if m.get("run_id") == run_id]
     if not mine:
         raise catalog.CatalogError(f"run {run_id!r} released no {kind!r} model in {where}")
