@@ -181,3 +181,46 @@ def test_a_runs_models_are_those_it_recorded_even_when_an_earlier_run_published_
     assert gen._model_record(where, "decoder", "run-b")["version"] == first["version"]
     with pytest.raises(catalog.CatalogError, match="run 'run-c' released no 'decoder' model"):
         gen._model_record(where, "decoder", "run-c")
+
+
+def test_jobs_side_by_side_on_one_machine_get_their_own_gpus(tmp_path, monkeypatch):
+    import threading
+
+    import torch
+
+    from unclip import locks
+
+    monkeypatch.setattr(locks, "GPU_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with locks.gpu_devices(2) as none:  # no CUDA here: nothing to hold, the environment left alone
+        assert none is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with locks.gpu_devices(2) as a, locks.gpu_devices(2) as b:
+        assert (a, b) == ("0,1", "2,3")
+        with pytest.raises(RuntimeError, match="no 1 free GPU"):
+            with locks.gpu_devices(1, timeout_s=0.2, poll_s=0.05):
+                pass
+    with pytest.raises(RuntimeError, match="a job of 5 GPU"):
+        with locks.gpu_devices(5):
+            pass
+    # a job waits for GPUs another holds, and takes them when it lets go
+    got = []
+
+    def wait_for_three():
+        with locks.gpu_devices(3, poll_s=0.05) as gpus:
+            got.append(gpus)
+
+    with locks.gpu_devices(4):
+        waiter = threading.Thread(target=wait_for_three)
+        waiter.start()
+        time.sleep(0.3)
+        assert not got
+    waiter.join(5)
+    assert got == ["0,1,2"]
+    # within the GPUs the machine's environment lists
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    with locks.gpu_devices(2) as listed:
+        assert listed == "5,7"
+    with pytest.raises(RuntimeError, match=r"machine that has 2 \(5,7\)"), locks.gpu_devices(3):
+        pass

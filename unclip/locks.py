@@ -14,6 +14,8 @@
   runs at most that many such task runs at once. A task run is one training job (``train.launch``:
   ``nnodes`` x ``gpu_slots`` GPUs), so on a machine or pool of N GPUs split into jobs of G GPUs the
   limit is N / G (``unclip server --gpus``; ``ensure_gpu_limit`` creates it with 1 if missing).
+  On one machine, ``gpu_devices`` then gives each job its own GPUs (``CUDA_VISIBLE_DEVICES``), so
+  jobs running side by side do not all land on the first ones.
 """
 
 from __future__ import annotations
@@ -104,3 +106,52 @@ def ensure_gpu_limit(default: int = 1) -> None:
             client.read_concurrency_limit_by_tag(GPU_TAG)
         except ObjectNotFound:
             client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=default)
+
+
+GPU_LOCK_DIR = os.environ.get("UNCLIP_GPU_LOCK_DIR", "/tmp/unclip-gpu-locks")
+
+
+@contextlib.contextmanager
+def gpu_devices(count: int, *, timeout_s: float = 24 * 3600.0, poll_s: float = 5.0) -> Iterator[str | None]:
+    """``count`` of this machine's GPUs for one job, as a ``CUDA_VISIBLE_DEVICES`` value, held (an
+    exclusive ``flock`` per GPU under ``GPU_LOCK_DIR``, which the kernel frees however the holder dies)
+    until the block ends; waits while other jobs hold them. The GPUs are those ``CUDA_VISIBLE_DEVICES``
+    lists, else all that torch sees. None without CUDA (nothing to hold); a ``RuntimeError`` when the
+    machine has fewer than ``count``, or after ``timeout_s``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        yield None
+        return
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = [d.strip() for d in listed.split(",") if d.strip()] if listed else \
+        [str(i) for i in range(torch.cuda.device_count())]
+    if count > len(visible):
+        raise RuntimeError(f"a job of {count} GPU(s) on a machine that has {len(visible)} ({','.join(visible)})")
+    os.makedirs(GPU_LOCK_DIR, exist_ok=True)
+    held: list[tuple[str, int]] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            for device in visible:
+                if len(held) == count:
+                    break
+                fd = os.open(os.path.join(GPU_LOCK_DIR, f"gpu-{device}.lock"), os.O_CREAT | os.O_RDWR, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held.append((device, fd))
+                except BlockingIOError:
+                    os.close(fd)
+            if len(held) == count:
+                break
+            for _, fd in held:  # all or none: holding some while waiting for more could deadlock two jobs
+                os.close(fd)
+            held = []
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"no {count} free GPU(s) of {','.join(visible)} in {timeout_s:g} s "
+                                   f"(held by other jobs: {GPU_LOCK_DIR})")
+            time.sleep(poll_s)
+        yield ",".join(d for d, _ in held)
+    finally:
+        for _, fd in held:
+            os.close(fd)

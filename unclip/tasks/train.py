@@ -18,7 +18,7 @@ from typing import Iterator
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from unclip import catalog, storage
+from unclip import catalog, locks, storage
 from unclip.config import RunConfig
 from unclip.tasks.common import Progress
 from unclip.train import distributed, stages
@@ -36,12 +36,15 @@ def run_stage(name: str, run_id: str, ctx: stages.StageContext) -> dict:
         # a distributed stage: torchrun with train.launch; the module writes <run_dir>/<stage>/result.json
         out = storage.join(ctx.run_dir, name)
         steps = getattr(ctx.config.train, name).steps if hasattr(ctx.config.train, name) else 1
-        with Progress(f"train-{name}", steps, f"{name}: training", unit="step") as progress, \
+        launch = ctx.config.train.launch
+        with locks.gpu_devices(launch.nproc_per_node) as gpus, \
+                Progress(f"train-{name}", steps, f"{name}: training", unit="step") as progress, \
                 _local_log(storage.join(out, "torchrun.log")) as log_path:
             watch = _Watcher(out, progress)
-            distributed.launch(ctx.config.train.launch, stage.module,
+            distributed.launch(launch, stage.module,
                                ["--run-dir", ctx.run_dir, "--stage", name, "--context", _context_file(ctx, out)],
-                               log_path=log_path, on_wait=watch)
+                               log_path=log_path, on_wait=watch,
+                               env={"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else None)
             watch()
     return storage.read_json(storage.join(out, "result.json"))
 
