@@ -184,11 +184,17 @@ def test_unclip_datasets_and_runs_list_the_catalog(tmp_path, capsys):
     assert cli.main(["datasets", "--workdir", w]) == 0
     out = capsys.readouterr().out
     assert "v000001" in out and release["version"] in out and "10" in out
+    # a run killed without a word (its record still says running, its last beat hours old)
+    storage.write_json(catalog.run_uri(str(tmp_path / "catalog"), "run-0"), {
+        "run_id": "run-0", "state": "running decoder", "release": release["release"],
+        "dataset_version": release["version"], "code_version": "0.1.0", "started_at": "2025-12-31T00:00:00+00:00",
+        "updated_at": "2025-12-31T01:00:00+00:00"})
     assert cli.main(["runs", "--workdir", w]) == 0
     out = capsys.readouterr().out
     assert "run-1" in out and "completed" in out and "i2t_recall@5 0.25" in out and "pca/rows" not in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("run-0")] == ["stopped"]
     assert cli.main(["runs", "--workdir", w, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["pca_version"] == "pca-x"
+    assert {r["run_id"]: r.get("pca_version") for r in json.loads(capsys.readouterr().out)}["run-1"] == "pca-x"
 
 
 def test_gpu_stages_carry_the_gpu_tag_and_the_limit_exists(tmp_path, prefect_api):
