@@ -224,3 +224,13 @@ def test_jobs_side_by_side_on_one_machine_get_their_own_gpus(tmp_path, monkeypat
         assert listed == "5,7"
     with pytest.raises(RuntimeError, match=r"machine that has 2 \(5,7\)"), locks.gpu_devices(3):
         pass
+
+
+def test_resume_finds_its_run_in_the_catalog_it_is_given(tmp_path):
+    from unclip.flows.retrain import RetrainParams, retrain
+
+    elsewhere = str(tmp_path / "shared-catalog")
+    with pytest.raises(catalog.CatalogError, match=f"run 'run-x' is not in {elsewhere}"):
+        retrain.fn(RetrainParams(workdir=str(tmp_path / "w"), resume="run-x", catalog=elsewhere))
+    with pytest.raises(catalog.CatalogError, match=f"is not in {tmp_path / 'w' / 'catalog'}"):
+        retrain.fn(RetrainParams(workdir=str(tmp_path / "w"), resume="run-x"))  # the workdir's by default

@@ -80,6 +80,8 @@ class RetrainParams(BaseModel):
     run_name: str | None = Field(None, description="A label for the run (its id is generated).")
     resume: str | None = Field(None, description="A run id to continue: its finished stages are skipped, the "
                                "stage it was in resumes from its last checkpoint (other fields are then ignored).")
+    catalog: str | None = Field(None, description="With resume: the catalog holding the run; default: the "
+                                "workdir's (where its data pipeline publishes).")
 
     def config_overrides(self) -> dict:
         """``overrides`` with the typed stage settings on top (``train.<stage>``)."""
@@ -195,7 +197,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
     """Run the staged trainings and evaluations on a dataset version; record the run in the catalog."""
     workdir = storage.absolute(params.workdir)
     if params.resume:
-        where = catalog.locate(workdir)[0]
+        where = params.catalog or catalog.locate(workdir)[0]
         run = catalog.get_run(where, params.resume)
         cfg = RunConfig.model_validate(run["config"])
         release = catalog.resolve(where, cfg.name, run["dataset_version"])
