@@ -315,7 +315,15 @@ def test_a_killed_run_stops_pinning_its_dataset_version(tmp_path):
              "started_at": "2026-01-01T00:00:00+00:00", "updated_at": "2026-01-01T00:00:00+00:00"}
     storage.write_json(catalog.run_uri(where, "dead"), stale)
     assert not catalog.run_is_live(catalog.get_run(where, "dead"))
-    assert sorted(catalog.gc(where, w, "unit", keep_versions=1)) == sorted(old_only)
+    # a run that failed yesterday keeps the version it trained on for a week (it can still be resumed) ...
+    import datetime as dt
+
+    yesterday = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)).isoformat(timespec="seconds")
+    storage.write_json(catalog.run_uri(where, "failed"), {**stale, "run_id": "failed", "updated_at": yesterday,
+                                                          "state": "failed: LaunchError: torchrun ..."})
+    assert catalog.gc(where, w, "unit", keep_versions=1) == []
+    # ... and no longer than it is told (catalog.keep_unfinished_days)
+    assert sorted(catalog.gc(where, w, "unit", keep_versions=1, unfinished_grace_s=3600)) == sorted(old_only)
 
 
 def test_model_versions_publish_once_and_resolve_by_reference(tmp_path):

@@ -149,16 +149,18 @@ def _release_uri(catalog: str, release: dict) -> str:
     return storage.join(catalog, "datasets", release["name"], f"{release['release']}-{release['version']}.json")
 
 
-def gc(catalog: str, workdir: str, name: str, keep_versions: int, orphan_grace_s: float = 86_400) -> list[str]:
+def gc(catalog: str, workdir: str, name: str, keep_versions: int, orphan_grace_s: float = 86_400,
+       unfinished_grace_s: float = 7 * 86_400) -> list[str]:
     """Remove the final-embeddings files of dataset ``name``'s releases older than the newest
-    ``keep_versions``, except files that a kept release, a run still in progress, or the workdir's
-    current index uses. Collected releases are marked (``collected_at``) and never read again.
+    ``keep_versions``, except files that a kept release, a run still in progress, a run that stopped
+    unfinished less than ``unfinished_grace_s`` ago (so it can be resumed), or the workdir's current
+    index uses. Collected releases are marked (``collected_at``) and never read again.
     Then sweep ``<workdir>/embeddings/``: a file that nothing live lists and that is older than
     ``orphan_grace_s`` (one written by a refresh killed before it published, or by a run between
     refreshes) is removed too. Returns the removed URIs."""
     found = datasets(catalog, name)
     keep = set()
-    busy = {r["dataset_version"] for r in runs(catalog) if run_is_live(r)}
+    busy = {r["dataset_version"] for r in runs(catalog) if run_is_live(r) or _resumable(r, unfinished_grace_s)}
     for r in found[-keep_versions:] + [r for r in found if r["version"] in busy and not r.get("collected_at")]:
         keep.update(kept_files(r).column("kept").to_pylist())
     current = storage.join(workdir, "index", "embeddings.parquet")
@@ -270,6 +272,16 @@ def run_is_live(run: dict, lease_s: float = RUN_LEASE_S) -> bool:
         return False
     age = dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(updated)
     return age.total_seconds() < lease_s
+
+
+def _resumable(run: dict, grace_s: float) -> bool:
+    """A run that stopped unfinished (failed, or killed while running) less than ``grace_s`` ago."""
+    if run.get("state") == "completed" or not run.get("dataset_version"):
+        return False
+    updated = run.get("updated_at") or run.get("started_at")
+    if not updated:
+        return False
+    return (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(updated)).total_seconds() < grace_s
 
 
 def save_run(catalog: str, run: dict[str, Any]) -> dict:

@@ -527,6 +527,10 @@ class CatalogConfig(_Strict):
     uri: str | None = Field(None, description="Catalog location (path or fsspec URI); default <workdir>/catalog.")
     keep_versions: int = Field(
         10, ge=1, description="Dataset versions whose files are kept; files only older versions use are removed.")
+    keep_unfinished_days: float = Field(
+        7.0, ge=0.0, description="A training run that stopped unfinished (failed, or killed) keeps its dataset "
+        "version's files this long after its last word, so it can still be resumed; a running one keeps them "
+        "while it beats.")
 
 
 class RunConfig(_Strict):

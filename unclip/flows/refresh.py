@@ -60,7 +60,8 @@ def data_refresh(config: str = "configs/demo.yaml", workdir: str = "work/demo",
             records = data_pipeline(config=cfg, workdir=workdir, lock_timeout_s=lock_timeout_s)
         ctx = {"flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name}
         release = catalog.publish_dataset(where, workdir, records, cfg, flow_run=ctx)
-        removed = catalog.gc(where, workdir, cfg.name, cfg.catalog.keep_versions)
+        removed = catalog.gc(where, workdir, cfg.name, cfg.catalog.keep_versions,
+                             unfinished_grace_s=cfg.catalog.keep_unfinished_days * 86_400)
         catalog.record_refresh(where, {**ctx, "lock": lock, "held_from": held_since.isoformat(),
                                        "held_until": dt.datetime.now(dt.timezone.utc).isoformat(),
                                        "release": release["release"], "new_version": release["new"],
