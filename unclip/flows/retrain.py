@@ -137,7 +137,7 @@ def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], wher
                               lineage={"run_id": run["run_id"], "dataset_version": release["version"],
                                        "release": release["release"], "pca_version": run.get("pca_version"),
                                        "code_version": (run.get("resumes") or [run])[-1].get("code_version")})
-    todo = [n for n in sorted(names, key=list(stages.REGISTRY).index)
+    todo = [n for n in sorted(set(names), key=list(stages.REGISTRY).index)
             if not (skip_finished and n in run.get("stages", {}))]
     for name in sorted(set(names) - set(todo), key=list(stages.REGISTRY).index):
         log.info("%s: finished in this run before, skipped", name)
