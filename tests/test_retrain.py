@@ -39,7 +39,15 @@ def _ctx(train: dict | None = None, *, sources=("gen", "other"), release: dict |
                                _files(*sources), _files(*sources))
 
 
-def test_a_runs_stages_are_checked_before_the_first_starts():
+@pytest.fixture
+def no_gpus(monkeypatch):
+    """The checks as on a machine without GPUs, wherever the test runs (the GPU check has its own)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_a_runs_stages_are_checked_before_the_first_starts(no_gpus):
     stages.check(_ctx(), stages.names())  # the defaults on a version with generative rows and a PCA: nothing
     ctx = _ctx({"launch": {"nproc_per_node": 3}, "decoder": {"batch_size": 32}, "prior_ar": {"batch_size": 48},
                 "upsampler1": {"batch_size": 48, "image_size": 256}, "upsampler2": {"batch_size": 48, "image_size": 1024}},
@@ -62,38 +70,88 @@ def test_a_runs_stages_are_checked_before_the_first_starts():
     stages.check(_ctx(sources=("other",)), ["clip", "eval_retrieval"])  # CLIP trains on every source
 
 
-def test_evaluate_refuses_a_live_run_and_keeps_a_failed_runs_state(tmp_path, prefect_api):
-    from prefect import flow
-
-    from unclip.flows.retrain import EvaluateParams, _run_stages, evaluate
+def test_evaluate_refuses_a_live_run_and_leaves_the_runs_state_as_it_was(tmp_path, prefect_api):
+    from unclip.flows.retrain import EvaluateParams, evaluate
 
     where = str(tmp_path / "catalog")
     catalog.save_run(where, {"run_id": "run-live", "state": "running decoder", "dataset_version": "ds-x",
                              "started_at": "2026-01-01T00:00:00+00:00", "config": {"name": "unit"}})
     with pytest.raises(RuntimeError, match="run run-live is live .'running decoder'.*once it has finished or failed"):
         evaluate.fn(EvaluateParams(run_id="run-live", workdir=str(tmp_path), catalog=where))
-    # the stages as an evaluation runs them, on a run that failed and on one that completed: the state stays
-    # (a stand-in for eval_priors, so the stage's settings section is recorded with its result)
+    # a stand-in for eval_priors (so the stage's settings section is recorded with its result); it fails
+    # on the run "broken"
     seen = []
-    real = stages.REGISTRY["eval_priors"]
-    stages.REGISTRY["eval_priors"] = stages.Stage("eval_priors", "eval", lambda ctx: seen.append(ctx.run_id) or {
-        "outputs": {}, "metrics": {"x": 1}}, "test stage")
-    release = publish_pairs_release(tmp_path, parse_config(BASE), {"gen": 4}, samples_per_shard=2)
-    cfg = parse_config({**BASE, "train": {"eval_priors": {"eval_pairs": 7}}})
-    try:
-        @flow
-        def run_it(state):
-            r = {"run_id": "run-f", "run_dir": str(tmp_path), "state": state}
-            return _run_stages(r, cfg, release, ["eval_priors"], where, str(tmp_path), final_state=state)
 
-        for state in ("failed: LaunchError: torchrun ...", "completed"):
-            done = run_it(state)
-            assert done["state"] == state and done["metrics"]["eval_priors/x"] == 1
-            assert catalog.get_run(where, "run-f")["state"] == state
-            assert done["stages"]["eval_priors"]["settings"]["eval_pairs"] == 7
+    def toy(ctx):
+        seen.append(ctx.run_id)
+        if ctx.run_id == "broken":
+            raise ValueError("no held-out pairs")
+        return {"outputs": {}, "metrics": {"x": 1}}
+
+    real = stages.REGISTRY["eval_priors"]
+    stages.REGISTRY["eval_priors"] = stages.Stage("eval_priors", "eval", toy, "test stage")
+    release = publish_pairs_release(tmp_path, parse_config(BASE), {"gen": 4}, samples_per_shard=2)
+    cfg = parse_config({**BASE, "train": {"eval_priors": {"eval_pairs": 7}}}).model_dump(mode="json")
+    old = "2026-01-01T00:00:00+00:00"
+    for run_id, state in (("failed", "failed: LaunchError: torchrun ..."), ("killed", "running decoder"),
+                          ("broken", "completed")):
+        storage.write_json(catalog.run_uri(where, run_id), {
+            "run_id": run_id, "kind": "retrain", "state": state, "started_at": old, "updated_at": old,
+            "dataset_version": release["version"], "release": release["release"], "code_version": "0.1.0",
+            "run_dir": str(tmp_path / run_id), "config": cfg})
+    try:
+        for run_id, after in (("failed", "failed: LaunchError: torchrun ..."), ("killed", "stopped (running decoder)")):
+            evaluate(EvaluateParams(run_id=run_id, workdir=str(tmp_path), catalog=where, stages=["eval_priors"]))
+            done = catalog.get_run(where, run_id)
+            assert done["state"] == after and done["metrics"]["eval_priors/x"] == 1, done
+            assert done["stages"]["eval_priors"]["settings"]["eval_pairs"] == 7 and "evaluation_error" not in done
+        # a failed evaluation of a completed run: still completed, the error beside it
+        with pytest.raises(ValueError, match="no held-out pairs"):
+            evaluate(EvaluateParams(run_id="broken", workdir=str(tmp_path), catalog=where, stages=["eval_priors"]))
+        broken = catalog.get_run(where, "broken")
+        assert broken["state"] == "completed" and "ValueError: no held-out pairs" in broken["evaluation_error"]
     finally:
         stages.REGISTRY["eval_priors"] = real
-    assert seen == ["run-f", "run-f"]
+    assert seen == ["failed", "killed", "broken"]
+
+
+def test_a_wrong_config_stops_a_new_run_before_it_is_recorded(tmp_path, prefect_api, no_gpus, capsys):
+    import yaml
+
+    from unclip import cli
+
+    publish_pairs_release(tmp_path, parse_config(BASE), {"gen": 4}, samples_per_shard=2)
+    path = tmp_path / "wrong.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "train": {"launch": {"nproc_per_node": 3}, "decoder": {"batch_size": 32}}}))
+    assert cli.main(["retrain", "--workdir", str(tmp_path), "--config", str(path), "--stages", "decoder"]) == 2
+    err = capsys.readouterr().err
+    assert "train.decoder.batch_size 32 does not split" in err and "--resume" not in err
+    assert catalog.runs(str(tmp_path / "catalog")) == []  # nothing ran, nothing to resume
+
+
+def test_an_in_process_gpu_stage_runs_on_a_gpu_no_other_job_holds(tmp_path, monkeypatch):
+    import torch
+
+    from unclip import locks
+
+    monkeypatch.setattr(locks, "GPU_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    current = [0]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: current.__setitem__(0, i))
+    seen = []
+    stages.register(stages.Stage("toy_gpu_eval", "eval", lambda ctx: seen.append(current[0]) or {
+        "outputs": {}, "metrics": {}}, "test stage", gpu=True))
+    try:
+        ctx = stages.StageContext("r", str(tmp_path), parse_config(BASE), {}, _files(), _files())
+        with locks.gpu_devices(1) as other:  # another job holds GPU 0
+            assert other.devices == "0"
+            train_tasks.run_stage.fn("toy_gpu_eval", "r", ctx)
+    finally:
+        del stages.REGISTRY["toy_gpu_eval"]
+    assert seen == [1] and current == [0]  # ran on GPU 1, and the process's device is put back
 
 
 def test_generation_settings_are_those_the_runs_eval_generation_ran_with(tmp_path):
@@ -112,11 +170,10 @@ def test_the_heartbeat_beats_while_a_stage_runs_and_outlives_a_failed_beat(tmp_p
     where = str(tmp_path / "catalog")
     first = catalog.save_run(where, {"run_id": "r", "state": "running x", "started_at": "2026-01-01T00:00:00+00:00"})
     monkeypatch.setattr(train_tasks, "HEARTBEAT_S", 0.05)
-    ctx = stages.StageContext("r", str(tmp_path), parse_config(BASE), {}, _files(), _files(), catalog=where)
     beats = []
     save = catalog.save_run
     monkeypatch.setattr(catalog, "save_run", lambda w, run: beats.append(run["run_id"]) or save(w, run))
-    with train_tasks._heartbeat(ctx):
+    with train_tasks.heartbeat(where, "r"):
         time.sleep(0.3)
     assert len(beats) >= 2 and set(beats) == {"r"} and catalog.get_run(where, "r")["state"] == first["state"]
     n = len(beats)
@@ -127,7 +184,7 @@ def test_the_heartbeat_beats_while_a_stage_runs_and_outlives_a_failed_beat(tmp_p
         raise OSError("503 Slow Down")
 
     monkeypatch.setattr(catalog, "get_run", unreachable)
-    with caplog.at_level(logging.WARNING), train_tasks._heartbeat(ctx):
+    with caplog.at_level(logging.WARNING), train_tasks.heartbeat(where, "r"):
         time.sleep(0.3)
     assert "heartbeat" in caplog.text and "503 Slow Down" in caplog.text
 
@@ -156,7 +213,7 @@ def test_torchruns_progress_survives_a_failed_read_and_its_log_reaches_a_remote_
         assert path == str(tmp_path / "torchrun.log")
 
 
-def test_the_paper_configs_one_click_retrain_trains_paper_sized_models_that_pass_the_checks():
+def test_the_paper_configs_one_click_retrain_trains_paper_sized_models_that_pass_the_checks(no_gpus):
     from unclip.config import load_config
 
     paper = load_config(Path(__file__).resolve().parent.parent / "configs" / "paper.yaml")
@@ -197,7 +254,7 @@ def test_jobs_side_by_side_on_one_machine_get_their_own_gpus(tmp_path, monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     with locks.gpu_devices(2) as a, locks.gpu_devices(2) as b:
-        assert (a, b) == ("0,1", "2,3")
+        assert (a.devices, a.indices, b.devices, b.indices) == ("0,1", (0, 1), "2,3", (2, 3))
         with pytest.raises(RuntimeError, match="no 1 free GPU"):
             with locks.gpu_devices(1, timeout_s=0.2, poll_s=0.05):
                 pass
@@ -208,8 +265,8 @@ def test_jobs_side_by_side_on_one_machine_get_their_own_gpus(tmp_path, monkeypat
     got = []
 
     def wait_for_three():
-        with locks.gpu_devices(3, poll_s=0.05) as gpus:
-            got.append(gpus)
+        with locks.gpu_devices(3, poll_s=0.05) as lease:
+            got.append(lease.devices)
 
     with locks.gpu_devices(4):
         waiter = threading.Thread(target=wait_for_three)
@@ -221,7 +278,7 @@ def test_jobs_side_by_side_on_one_machine_get_their_own_gpus(tmp_path, monkeypat
     # within the GPUs the machine's environment lists
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     with locks.gpu_devices(2) as listed:
-        assert listed == "5,7"
+        assert (listed.devices, listed.indices) == ("5,7", (0, 1))  # torch's indices within what it sees
     with pytest.raises(RuntimeError, match=r"machine that has 2 \(5,7\)"), locks.gpu_devices(3):
         pass
 
@@ -234,3 +291,13 @@ def test_resume_finds_its_run_in_the_catalog_it_is_given(tmp_path):
         retrain.fn(RetrainParams(workdir=str(tmp_path / "w"), resume="run-x", catalog=elsewhere))
     with pytest.raises(catalog.CatalogError, match=f"is not in {tmp_path / 'w' / 'catalog'}"):
         retrain.fn(RetrainParams(workdir=str(tmp_path / "w"), resume="run-x"))  # the workdir's by default
+
+
+def test_a_job_larger_than_the_machines_gpus_is_refused_before_the_first_stage(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match="train.launch.nproc_per_node 4: this machine has 2 GPU"):
+        stages.check(_ctx({"launch": {"nproc_per_node": 4, "backend": "gloo"}}), ["prior_diffusion"])
+    stages.check(_ctx({"launch": {"nproc_per_node": 4}}), ["eval_pca"])  # no torchrun stage: no job

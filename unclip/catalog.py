@@ -259,8 +259,9 @@ def run_uri(catalog: str, run_id: str) -> str:
     return storage.join(catalog, "runs", f"{run_id}.json")
 
 
-# A run in progress refreshes ``updated_at`` at least this often (the trainer's progress polls do);
-# a "running" record older than the lease is a killed run and no longer pins its dataset version.
+# A run in progress refreshes ``updated_at`` at least this often (the flow's heartbeat does, every
+# minute); a "running" record older than the lease is a killed run: no longer live (``gc`` keeps its
+# dataset version a while longer all the same, so it can be resumed: ``_resumable``).
 RUN_LEASE_S = 3600.0
 
 

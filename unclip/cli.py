@@ -263,6 +263,11 @@ def retrain(args) -> int:
     start = time.monotonic()
     try:
         run = retrain_flow(params)
+    except ConfigError as err:  # the checks before the first stage: nothing ran, nothing to resume
+        if args.verbose:
+            raise
+        print(f"unclip: error: {err}", file=sys.stderr)
+        return 2
     except Exception as err:
         if args.verbose:
             raise

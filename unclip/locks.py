@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 from prefect import get_client
@@ -111,13 +113,26 @@ def ensure_gpu_limit(default: int = 1) -> None:
 GPU_LOCK_DIR = os.environ.get("UNCLIP_GPU_LOCK_DIR", "/tmp/unclip-gpu-locks")
 
 
+@dataclass(frozen=True)
+class GpuLease:
+    """GPUs held for one job: ``devices`` as a ``CUDA_VISIBLE_DEVICES`` value for a child process,
+    ``indices`` as this process's torch device indices, ``fds`` the open lock files (pass them to a
+    child, ``subprocess.Popen(pass_fds=...)``, and the GPUs stay held while it lives, even if this
+    process dies)."""
+
+    devices: str
+    indices: tuple[int, ...]
+    fds: tuple[int, ...]
+
+
 @contextlib.contextmanager
-def gpu_devices(count: int, *, timeout_s: float = 24 * 3600.0, poll_s: float = 5.0) -> Iterator[str | None]:
-    """``count`` of this machine's GPUs for one job, as a ``CUDA_VISIBLE_DEVICES`` value, held (an
-    exclusive ``flock`` per GPU under ``GPU_LOCK_DIR``, which the kernel frees however the holder dies)
-    until the block ends; waits while other jobs hold them. The GPUs are those ``CUDA_VISIBLE_DEVICES``
-    lists, else all that torch sees. None without CUDA (nothing to hold); a ``RuntimeError`` when the
-    machine has fewer than ``count``, or after ``timeout_s``."""
+def gpu_devices(count: int, *, timeout_s: float = 24 * 3600.0, poll_s: float = 5.0) -> Iterator[GpuLease | None]:
+    """``count`` of this machine's GPUs for one job, held (an exclusive ``flock`` per GPU under
+    ``GPU_LOCK_DIR``, which the kernel frees when the last process holding the lock file ends, however
+    it ends) until the block ends; waits while other jobs hold them, all or none, so two jobs never
+    hold parts of each other's. The GPUs are those ``CUDA_VISIBLE_DEVICES`` lists, else all that torch
+    sees. None without CUDA (nothing to hold); a ``RuntimeError`` when the machine has fewer than
+    ``count``, or after ``timeout_s``."""
     import torch
 
     if not torch.cuda.is_available():
@@ -128,20 +143,28 @@ def gpu_devices(count: int, *, timeout_s: float = 24 * 3600.0, poll_s: float = 5
         [str(i) for i in range(torch.cuda.device_count())]
     if count > len(visible):
         raise RuntimeError(f"a job of {count} GPU(s) on a machine that has {len(visible)} ({','.join(visible)})")
-    os.makedirs(GPU_LOCK_DIR, exist_ok=True)
-    held: list[tuple[str, int]] = []
-    deadline = time.monotonic() + timeout_s
+    if not os.path.isdir(GPU_LOCK_DIR):
+        os.makedirs(GPU_LOCK_DIR, exist_ok=True)
+        with contextlib.suppress(OSError):  # every user's jobs share the machine's GPUs
+            os.chmod(GPU_LOCK_DIR, 0o1777)
+    held: list[tuple[int, int]] = []  # (position in visible, fd)
+    deadline, waited = time.monotonic() + timeout_s, False
     try:
         while True:
-            for device in visible:
+            for i, device in enumerate(visible):
                 if len(held) == count:
                     break
-                fd = os.open(os.path.join(GPU_LOCK_DIR, f"gpu-{device}.lock"), os.O_CREAT | os.O_RDWR, 0o666)
+                # read-only suffices for flock, so another user's lock file serves too
+                fd = os.open(os.path.join(GPU_LOCK_DIR, f"gpu-{device}.lock"), os.O_CREAT | os.O_RDONLY, 0o666)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    held.append((device, fd))
                 except BlockingIOError:
                     os.close(fd)
+                    continue
+                except BaseException:
+                    os.close(fd)
+                    raise
+                held.append((i, fd))
             if len(held) == count:
                 break
             for _, fd in held:  # all or none: holding some while waiting for more could deadlock two jobs
@@ -150,8 +173,12 @@ def gpu_devices(count: int, *, timeout_s: float = 24 * 3600.0, poll_s: float = 5
             if time.monotonic() >= deadline:
                 raise RuntimeError(f"no {count} free GPU(s) of {','.join(visible)} in {timeout_s:g} s "
                                    f"(held by other jobs: {GPU_LOCK_DIR})")
+            if not waited:
+                waited = True
+                logging.getLogger(__name__).warning("waiting for %d free GPU(s) of %s (held by other jobs: %s)",
+                                                    count, ",".join(visible), GPU_LOCK_DIR)
             time.sleep(poll_s)
-        yield ",".join(d for d, _ in held)
+        yield GpuLease(",".join(visible[i] for i, _ in held), tuple(i for i, _ in held), tuple(fd for _, fd in held))
     finally:
         for _, fd in held:
             os.close(fd)

@@ -28,7 +28,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from unclip import catalog, locks, manifest, storage
-from unclip.config import RunConfig, deep_merge, load_config, resolve_config_path
+from unclip.config import ConfigError, RunConfig, deep_merge, load_config, resolve_config_path
 from unclip.tasks import train as train_tasks
 from unclip.tasks.common import publish_markdown
 from unclip.train import stages
@@ -149,7 +149,8 @@ def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], wher
         runner = train_tasks.run_stage.with_options(tags=[locks.GPU_TAG] if stage.gpu else [])
         run["state"] = f"running {name}"
         catalog.save_run(where, run)
-        result = runner(name, run["run_id"], ctx)
+        with train_tasks.heartbeat(where, run["run_id"]):  # also while the task waits for a GPU slot
+            result = runner(name, run["run_id"], ctx)
         if result.get("model"):
             model = train_tasks.publish_model(where, name, result, cfg, ctx.lineage)
             run.setdefault("models", {})[name] = model["version"]
@@ -168,13 +169,24 @@ def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], wher
     return catalog.save_run(where, run)
 
 
+EVALUATION_FAILED = "evaluation failed"
+
+
 def _run_and_publish(run: dict, cfg: RunConfig, release: dict, names: list[str], where: str, workdir: str,
                      failure: str, skip_finished: bool = False, final_state: str = "completed") -> dict:
-    """Run the stages; a failure is recorded in the run's catalog entry before it propagates."""
+    """Run the stages; a failure is recorded in the run's catalog entry before it propagates: as its
+    state, or (``evaluate``, which leaves the training's state as it was) as its ``evaluation_error``.
+    A new run that a wrong config stops before its first stage is not recorded at all."""
     try:
         run = _run_stages(run, cfg, release, names, where, workdir, skip_finished, final_state)
     except BaseException as err:
-        run["state"] = f"{failure}: {type(err).__name__}: {err}"[:500]
+        if isinstance(err, ConfigError) and "stages" not in run and "resumes" not in run:
+            raise  # nothing ran and nothing to resume: fix the config and start again
+        message = f"{failure}: {type(err).__name__}: {err}"[:500]
+        if failure == EVALUATION_FAILED:
+            run.update(state=final_state, evaluation_error=message)
+        else:
+            run["state"] = message
         catalog.save_run(where, run)
         raise
     _publish_run(run)
@@ -237,6 +249,10 @@ def evaluate(params: EvaluateParams) -> dict:
            else RunConfig.model_validate(run["config"]))
     release = catalog.resolve(where, run["config"]["name"], run["dataset_version"])
     # an evaluation leaves the training's state as it was: a failed run evaluated is still a failed run
-    # (``unclip demo`` resumes a run that is not "completed")
-    return _run_and_publish(run, cfg, release, list(params.stages), where, workdir, "evaluation failed",
-                            final_state=run.get("state", "completed"))
+    # (``unclip demo`` resumes a run that is not "completed"); one killed while running reads "stopped"
+    trained = run.get("state", "completed")
+    if trained.startswith(("running", "starting")):
+        trained = f"stopped ({trained})"
+    run.pop("evaluation_error", None)
+    return _run_and_publish(run, cfg, release, list(params.stages), where, workdir, EVALUATION_FAILED,
+                            final_state=trained)

@@ -30,33 +30,48 @@ _log = logging.getLogger(__name__)
 @task(name="run-stage", task_run_name="{name}: {run_id}", cache_policy=NO_CACHE)
 def run_stage(name: str, run_id: str, ctx: stages.StageContext) -> dict:
     stage = stages.REGISTRY[name]
-    with _heartbeat(ctx):
-        if stage.module is None:
+    if stage.module is None:
+        if not stage.gpu:
             return stage.run(ctx)
-        # a distributed stage: torchrun with train.launch; the module writes <run_dir>/<stage>/result.json
-        out = storage.join(ctx.run_dir, name)
-        steps = getattr(ctx.config.train, name).steps if hasattr(ctx.config.train, name) else 1
-        launch = ctx.config.train.launch
-        with locks.gpu_devices(launch.nproc_per_node) as gpus, \
-                Progress(f"train-{name}", steps, f"{name}: training", unit="step") as progress, \
-                _local_log(storage.join(out, "torchrun.log")) as log_path:
-            watch = _Watcher(out, progress)
-            distributed.launch(launch, stage.module,
-                               ["--run-dir", ctx.run_dir, "--stage", name, "--context", _context_file(ctx, out)],
-                               log_path=log_path, on_wait=watch,
-                               env={"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else None)
-            watch()
+        # in this process (the evaluations): on a GPU no other job holds, as the stage's "cuda"
+        with locks.gpu_devices(1) as lease:
+            if lease is None:
+                return stage.run(ctx)
+            import torch
+
+            before = torch.cuda.current_device()
+            torch.cuda.set_device(lease.indices[0])
+            try:
+                return stage.run(ctx)
+            finally:
+                torch.cuda.set_device(before)
+    # a distributed stage: torchrun with train.launch; the module writes <run_dir>/<stage>/result.json
+    out = storage.join(ctx.run_dir, name)
+    steps = getattr(ctx.config.train, name).steps if hasattr(ctx.config.train, name) else 1
+    launch = ctx.config.train.launch
+    log_uri = storage.join(out, "torchrun.log")
+    # torchrun keeps the GPU locks open: they stay held while it runs, even if this process dies
+    with locks.gpu_devices(launch.nproc_per_node) as lease, \
+            Progress(f"train-{name}", steps, f"{name}: training", unit="step") as progress, \
+            _local_log(log_uri) as log_path:
+        watch = _Watcher(out, progress)
+        distributed.launch(launch, stage.module,
+                           ["--run-dir", ctx.run_dir, "--stage", name, "--context", _context_file(ctx, out)],
+                           log_path=log_path, on_wait=watch, log_name=log_uri,
+                           env={"CUDA_VISIBLE_DEVICES": lease.devices} if lease else None,
+                           pass_fds=lease.fds if lease else ())
+        watch()
     return storage.read_json(storage.join(out, "result.json"))
 
 
 @contextlib.contextmanager
-def _heartbeat(ctx: stages.StageContext) -> Iterator[None]:
-    """While a stage runs (in this process or under torchrun), its run's catalog record is re-saved
-    every ``HEARTBEAT_S``: a run that stops beating no longer pins its dataset version against gc
-    (``catalog.run_is_live``). The beating thread is joined before the stage's result goes back to the
-    flow, so no beat writes over the flow's own save of the record; a failed beat (the catalog's store
-    unreachable for a while) is logged, and the stage goes on."""
-    if not ctx.catalog:
+def heartbeat(where: str | None, run_id: str) -> Iterator[None]:
+    """While the block runs (a stage, and its wait for a GPU slot), run ``run_id``'s catalog record
+    is re-saved every ``HEARTBEAT_S``, so the run counts as live (``catalog.run_is_live``). The beating
+    thread is joined when the block ends, before the flow saves the record itself, so no beat writes
+    over the flow's save; a failed beat (the catalog's store unreachable for a while) is logged, and
+    the stage goes on."""
+    if not where:
         yield
         return
     stop = threading.Event()
@@ -65,14 +80,14 @@ def _heartbeat(ctx: stages.StageContext) -> Iterator[None]:
         failures = 0
         while not stop.wait(HEARTBEAT_S):
             try:
-                catalog.save_run(ctx.catalog, catalog.get_run(ctx.catalog, ctx.run_id))
+                catalog.save_run(where, catalog.get_run(where, run_id))
                 failures = 0
             except Exception as err:  # noqa: BLE001 - the next beat may get through; the lease is an hour
                 failures += 1
-                _log.warning("run %s: heartbeat %d failed in a row: %s: %s", ctx.run_id, failures,
+                _log.warning("run %s: heartbeat %d failed in a row: %s: %s", run_id, failures,
                              type(err).__name__, err)
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{ctx.run_id}", daemon=True)
+    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
     thread.start()
     try:
         yield
@@ -84,7 +99,8 @@ def _heartbeat(ctx: stages.StageContext) -> Iterator[None]:
 @contextlib.contextmanager
 def _local_log(uri: str) -> Iterator[str]:
     """A local path for torchrun's log (it writes a file): ``uri`` itself when local, else a temporary
-    file uploaded to ``uri`` when the job ends, failed or not."""
+    file uploaded to ``uri`` when the job ends, failed or not (a failed upload is logged, and does not
+    hide the job's own error)."""
     if storage.is_local(uri):
         yield uri
         return
@@ -94,7 +110,10 @@ def _local_log(uri: str) -> Iterator[str]:
             yield path
         finally:
             if os.path.exists(path):
-                storage.write_bytes(uri, Path(path).read_bytes())
+                try:
+                    storage.write_bytes(uri, Path(path).read_bytes())
+                except Exception as err:  # noqa: BLE001 - see the docstring
+                    _log.warning("torchrun's log not uploaded to %s: %s: %s", uri, type(err).__name__, err)
 
 
 class _Watcher:

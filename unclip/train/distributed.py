@@ -71,6 +71,8 @@ def launch(
     timeout_s: float | None = None,
     on_wait: Callable[[], None] | None = None,
     poll_s: float = 2.0,
+    pass_fds: tuple[int, ...] = (),
+    log_name: str | None = None,
 ) -> None:
     """Run ``module`` under torchrun on this node and wait for it; raise ``LaunchError`` on failure.
 
@@ -80,6 +82,8 @@ def launch(
     rank's traceback. ``env`` is added to this process's environment. OMP_NUM_THREADS, unless set,
     shares this machine's cores among the local processes, so they do not oversubscribe the CPU.
     ``on_wait`` is called every ``poll_s`` seconds while the job runs (progress, heartbeats).
+    ``pass_fds`` stay open in torchrun (the GPU locks it runs under: ``locks.gpu_devices``).
+    ``log_name``: where the log can be read once the job ends, for the error (default ``log_path``).
     On timeout or KeyboardInterrupt the job is stopped (SIGTERM, which torchrun forwards to its
     workers, then SIGKILL) before the exception propagates.
     """
@@ -88,21 +92,21 @@ def launch(
     child_env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // launch.nproc_per_node)))
     with _log_file(log_path) as (log, path):
         proc = subprocess.Popen(cmd, env=child_env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, pass_fds=pass_fds)
         try:
             returncode = _wait(proc, timeout_s, on_wait, poll_s)
         except subprocess.TimeoutExpired:
             terminate_group(proc, _STOP_GRACE_S)
             tail = _tail(path)
             raise LaunchError(f"torchrun -m {module} timed out after {timeout_s:g} s and was stopped; "
-                              f"last lines of its log{_where(log_path)}:\n{tail}", None, tail) from None
+                              f"last lines of its log{_where(log_name or log_path)}:\n{tail}", None, tail) from None
         except BaseException:
             terminate_group(proc, _STOP_GRACE_S)
             raise
         if returncode != 0:
             tail = _tail(path)
             raise LaunchError(f"torchrun -m {module} failed with exit code {returncode}; "
-                              f"last lines of its log{_where(log_path)}:\n{tail}", returncode, tail)
+                              f"last lines of its log{_where(log_name or log_path)}:\n{tail}", returncode, tail)
 
 
 def _wait(proc: subprocess.Popen, timeout_s: float | None, on_wait: Callable[[], None] | None,

@@ -136,7 +136,8 @@ def check(ctx: StageContext, names: list[str]) -> None:
         except ValueError as err:
             problems.append(str(err))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus and launch.backend != "gloo" and launch.nproc_per_node > gpus and any(REGISTRY[n].module for n in names):
+    # (with CUDA every process takes the GPU of its local rank, whatever the backend: distributed.init)
+    if gpus and launch.nproc_per_node > gpus and any(REGISTRY[n].module for n in names):
         problems.append(f"train.launch.nproc_per_node {launch.nproc_per_node}: this machine has {gpus} GPU(s)")
     if problems:
         raise ConfigError("the run's stages cannot run as configured:\n- " + "\n- ".join(problems))
