@@ -58,7 +58,7 @@ def test_a_runs_stages_are_checked_before_the_first_starts(no_gpus):
     problems = str(err.value).splitlines()[1:]
     assert problems == [
         "- prior_ar: the dataset version has no PCA and the run fitted none (add the `pca` stage)",
-        "- train.decoder.batch_size 32 does not split into 1 micro-batch(es) over 3 processes "
+        "- train.decoder.batch_size 32 does not split into 1 micro-batches over 3 processes "
         "(train.launch: 1 node(s) x 3)",
         "- train.upsampler2.image_size 1024: the dataset version's images are 256 px (ingest.image_size); ingest "
         "at the top of the chain's size"], problems

@@ -265,24 +265,30 @@ def run_uri(catalog: str, run_id: str) -> str:
 RUN_LEASE_S = 3600.0
 
 
-def run_is_live(run: dict, lease_s: float = RUN_LEASE_S) -> bool:
-    if not run.get("state", "").startswith(("running", "starting")):
-        return False
+def _heard_within(run: dict, seconds: float) -> bool:
+    """Whether the run's record was last saved (or, never saved since, started) within ``seconds``."""
     updated = run.get("updated_at") or run.get("started_at")
     if not updated:
         return False
-    age = dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(updated)
-    return age.total_seconds() < lease_s
+    return (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(updated)).total_seconds() < seconds
+
+
+def _says_running(run: dict) -> bool:
+    return run.get("state", "").startswith(("running", "starting"))
+
+
+def run_is_live(run: dict, lease_s: float = RUN_LEASE_S) -> bool:
+    return _says_running(run) and _heard_within(run, lease_s)
+
+
+def run_stopped(run: dict) -> bool:
+    """A run whose record says it is running but which stopped beating: killed without a word."""
+    return _says_running(run) and not run_is_live(run)
 
 
 def _resumable(run: dict, grace_s: float) -> bool:
     """A run that stopped unfinished (failed, or killed while running) less than ``grace_s`` ago."""
-    if run.get("state") == "completed" or not run.get("dataset_version"):
-        return False
-    updated = run.get("updated_at") or run.get("started_at")
-    if not updated:
-        return False
-    return (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(updated)).total_seconds() < grace_s
+    return run.get("state") != "completed" and bool(run.get("dataset_version")) and _heard_within(run, grace_s)
 
 
 def save_run(catalog: str, run: dict[str, Any]) -> dict:

@@ -456,9 +456,7 @@ def list_catalog(args) -> int:
         for r in rows:
             key = {k: v for k, v in r.get("metrics", {}).items() if k.split("/")[-1] in KEY_METRICS}
             shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in key.items())
-            # a run that says it is running but stopped beating was killed without a word
-            state = r["state"] if not r["state"].startswith(("running", "starting")) or catalog.run_is_live(r) \
-                else "stopped"
+            state = "stopped" if catalog.run_stopped(r) else r["state"]
             print(f"{r['run_id']:<30}{state[:11]:<12}{r['release'] + ' ' + r['dataset_version']:<29}"
                   f"{str(r.get('pca_version')):<17}{r['code_version']:<28}{shown or '-'}")
     return 0

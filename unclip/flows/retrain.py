@@ -169,11 +169,8 @@ def _run_stages(run: dict, cfg: RunConfig, release: dict, names: list[str], wher
     return catalog.save_run(where, run)
 
 
-EVALUATION_FAILED = "evaluation failed"
-
-
-def _run_and_publish(run: dict, cfg: RunConfig, release: dict, names: list[str], where: str, workdir: str,
-                     failure: str, skip_finished: bool = False, final_state: str = "completed") -> dict:
+def _run_and_publish(run: dict, cfg: RunConfig, release: dict, names: list[str], where: str, workdir: str, *,
+                     evaluation: bool = False, skip_finished: bool = False, final_state: str = "completed") -> dict:
     """Run the stages; a failure is recorded in the run's catalog entry before it propagates: as its
     state, or (``evaluate``, which leaves the training's state as it was) as its ``evaluation_error``.
     A new run that a wrong config stops before its first stage is not recorded at all."""
@@ -182,8 +179,8 @@ def _run_and_publish(run: dict, cfg: RunConfig, release: dict, names: list[str],
     except BaseException as err:
         if isinstance(err, ConfigError) and "stages" not in run and "resumes" not in run:
             raise  # nothing ran and nothing to resume: fix the config and start again
-        message = f"{failure}: {type(err).__name__}: {err}"[:500]
-        if failure == EVALUATION_FAILED:
+        message = f"{'evaluation failed' if evaluation else 'failed'}: {type(err).__name__}: {err}"[:500]
+        if evaluation:
             run.update(state=final_state, evaluation_error=message)
         else:
             run["state"] = message
@@ -218,8 +215,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
         # the code that trains from here on, which the models it publishes record (the run's code_version
         # stays the one it started with)
         run.setdefault("resumes", []).append({"at": now, "code_version": manifest.code_version()})
-        return _run_and_publish(run, cfg, release, run["requested_stages"], where, workdir, "failed",
-                                skip_finished=True)
+        return _run_and_publish(run, cfg, release, run["requested_stages"], where, workdir, skip_finished=True)
     cfg = load_config(resolve_config_path(params.config), params.config_overrides(), variables={"workdir": workdir})
     where = catalog.catalog_uri(cfg, workdir)
     release = catalog.resolve(where, cfg.name, params.dataset_version)
@@ -232,7 +228,7 @@ def retrain(params: RetrainParams = RetrainParams()) -> dict:
            "run_dir": storage.join(workdir, "runs", run_id), "config": cfg.model_dump(mode="json"),
            "config_path": params.config, "overrides": params.config_overrides(),
            "requested_stages": list(params.stages)}
-    return _run_and_publish(run, cfg, release, list(params.stages), where, workdir, "failed")
+    return _run_and_publish(run, cfg, release, list(params.stages), where, workdir)
 
 
 @flow(name="evaluate", flow_run_name=_evaluate_name)
@@ -251,8 +247,8 @@ def evaluate(params: EvaluateParams) -> dict:
     # an evaluation leaves the training's state as it was: a failed run evaluated is still a failed run
     # (``unclip demo`` resumes a run that is not "completed"); one killed while running reads "stopped"
     trained = run.get("state", "completed")
-    if trained.startswith(("running", "starting")):
+    if catalog.run_stopped(run):
         trained = f"stopped ({trained})"
     run.pop("evaluation_error", None)
-    return _run_and_publish(run, cfg, release, list(params.stages), where, workdir, EVALUATION_FAILED,
+    return _run_and_publish(run, cfg, release, list(params.stages), where, workdir, evaluation=True,
                             final_state=trained)

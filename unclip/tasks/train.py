@@ -31,20 +31,9 @@ _log = logging.getLogger(__name__)
 def run_stage(name: str, run_id: str, ctx: stages.StageContext) -> dict:
     stage = stages.REGISTRY[name]
     if stage.module is None:
-        if not stage.gpu:
+        # in this process; a GPU stage (the evaluations) on a GPU no other job holds, as its "cuda"
+        with (locks.gpu_devices(1) if stage.gpu else contextlib.nullcontext()) as lease, _current_gpu(lease):
             return stage.run(ctx)
-        # in this process (the evaluations): on a GPU no other job holds, as the stage's "cuda"
-        with locks.gpu_devices(1) as lease:
-            if lease is None:
-                return stage.run(ctx)
-            import torch
-
-            before = torch.cuda.current_device()
-            torch.cuda.set_device(lease.indices[0])
-            try:
-                return stage.run(ctx)
-            finally:
-                torch.cuda.set_device(before)
     # a distributed stage: torchrun with train.launch; the module writes <run_dir>/<stage>/result.json
     out = storage.join(ctx.run_dir, name)
     steps = getattr(ctx.config.train, name).steps if hasattr(ctx.config.train, name) else 1
@@ -62,6 +51,22 @@ def run_stage(name: str, run_id: str, ctx: stages.StageContext) -> dict:
                            pass_fds=lease.fds if lease else ())
         watch()
     return storage.read_json(storage.join(out, "result.json"))
+
+
+@contextlib.contextmanager
+def _current_gpu(lease: locks.GpuLease | None) -> Iterator[None]:
+    """The lease's (first) GPU as this thread's current CUDA device while the block runs."""
+    if lease is None:
+        yield
+        return
+    import torch
+
+    before = torch.cuda.current_device()
+    torch.cuda.set_device(lease.indices[0])
+    try:
+        yield
+    finally:
+        torch.cuda.set_device(before)
 
 
 @contextlib.contextmanager

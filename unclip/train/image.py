@@ -314,6 +314,14 @@ def shard_image_size(release: dict) -> int | None:
     return (((release.get("config") or {}).get("ingest") or {}).get("image_size"))
 
 
+def check_image_size(stage: str, cfg: ImageTrainConfig, release: dict) -> None:
+    """A ValueError when the dataset version's images are smaller than the stage's ``image_size``."""
+    stored = shard_image_size(release)
+    if stored is not None and stored < cfg.image_size:
+        raise ValueError(f"train.{stage}.image_size {cfg.image_size}: the dataset version's images are {stored} px "
+                         "(ingest.image_size); ingest at the top of the chain's size")
+
+
 def train_image_model(stage: str, config: RunConfig, train_files: pa.Table, eval_files: pa.Table, out_dir: str, *,
                       release: dict, catalog_uri: str | None, lineage: dict | None = None, strategy: str = "ddp",
                       ctx: distributed.DistContext | None = None) -> dict | None:
@@ -321,10 +329,7 @@ def train_image_model(stage: str, config: RunConfig, train_files: pa.Table, eval
     weights on their held-out rows and write the release folder. Returns the stage result."""
     cfg: ImageTrainConfig = getattr(config.train, stage)
     train, held = prior.prior_data(config, train_files, eval_files, stage)
-    stored = shard_image_size(release)
-    if stored is not None and stored < cfg.image_size:
-        raise ValueError(f"{stage}: the dataset version's images are {stored} px (ingest.image_size), smaller than "
-                         f"train.{stage}.image_size {cfg.image_size}: ingest at the top of the chain's size")
+    check_image_size(stage, cfg, release)
     arch, tokenizer, text_ctx = None, None, 77
     if stage == "decoder":
         arch, tokenizer = prior.caption_tokenizer(release, catalog_uri, config)

@@ -105,34 +105,29 @@ def check(ctx: StageContext, names: list[str]) -> None:
 
     from unclip.config import ConfigError
     from unclip.train import image, prior, prior_ar
+    from unclip.train.trainer import check_batch_split
 
     cfg, launch = ctx.config, ctx.config.train.launch
     world = launch.nnodes * launch.nproc_per_node
-    problems: list[str] = []
+    # the checks the stages themselves make when they start, each a ValueError
+    checks: list[Callable[[], object]] = []
     for name in names:
         section = getattr(cfg.train, name, None)
-        if REGISTRY[name].module and section is not None and (section.batch_size // section.grad_accum) % world:
-            problems.append(f"train.{name}.batch_size {section.batch_size} does not split into {section.grad_accum} "
-                            f"micro-batch(es) over {world} processes (train.launch: {launch.nnodes} node(s) x "
-                            f"{launch.nproc_per_node})")
+        if REGISTRY[name].module and section is not None:
+            checks.append(lambda name=name, section=section: check_batch_split(
+                name, section, world, f" (train.launch: {launch.nnodes} node(s) x {launch.nproc_per_node})"))
         if name in GENERATIVE_STAGES:
-            try:
-                prior.prior_data(cfg, ctx.train_files, ctx.eval_files, name)
-            except ValueError as err:
-                problems.append(str(err))
+            checks.append(lambda name=name: prior.prior_data(cfg, ctx.train_files, ctx.eval_files, name))
         if name in image.STAGES:
-            stored = image.shard_image_size(ctx.release)
-            if stored is not None and stored < section.image_size:
-                problems.append(f"train.{name}.image_size {section.image_size}: the dataset version's images are "
-                                f"{stored} px (ingest.image_size); ingest at the top of the chain's size")
+            checks.append(lambda name=name, section=section: image.check_image_size(name, section, ctx.release))
         if name == "prior_ar" and "pca" not in names:
-            try:
-                prior_ar.pca_for(ctx.previous, ctx.release)
-            except ValueError as err:
-                problems.append(str(err))
+            checks.append(lambda: prior_ar.pca_for(ctx.previous, ctx.release))
     if any(n in CAPTION_STAGES for n in names):
+        checks.append(lambda: prior.caption_tokenizer(ctx.release, ctx.catalog, cfg))
+    problems: list[str] = []
+    for check_one in checks:
         try:
-            prior.caption_tokenizer(ctx.release, ctx.catalog, cfg)
+            check_one()
         except ValueError as err:
             problems.append(str(err))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

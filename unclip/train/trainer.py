@@ -227,6 +227,14 @@ def _load_ema(ema: AveragedModel, state: dict, sharded: bool) -> None:
 
 
 # -- the loop ---------------------------------------------------------------------------------------
+def check_batch_split(name: str, cfg: StageTrainConfig, world_size: int, how: str = "") -> None:
+    """A ValueError unless each of ``cfg.grad_accum`` micro-batches of the global batch splits evenly
+    over ``world_size`` processes (``how``: where that number comes from, for the message)."""
+    if (cfg.batch_size // cfg.grad_accum) % world_size:
+        raise ValueError(f"train.{name}.batch_size {cfg.batch_size} does not split into {cfg.grad_accum} "
+                         f"micro-batches over {world_size} processes{how}")
+
+
 class Trainer:
     """Train ``task`` for ``cfg.steps`` optimiser steps, writing into ``out_dir``.
 
@@ -244,11 +252,8 @@ class Trainer:
         # FSDP applies only under a process group (distributed.wrap_model leaves the model plain without one)
         self.sharded = strategy == "fsdp" and torch.distributed.is_initialized()
         self.on_progress = on_progress
-        per_rank = cfg.batch_size // cfg.grad_accum
-        if per_rank % self.ctx.world_size:
-            raise ValueError(f"train.{task.name}.batch_size {cfg.batch_size} does not split into {cfg.grad_accum} "
-                             f"micro-batches over {self.ctx.world_size} processes")
-        self.micro_batch = per_rank // self.ctx.world_size
+        check_batch_split(task.name, cfg, self.ctx.world_size)
+        self.micro_batch = cfg.batch_size // cfg.grad_accum // self.ctx.world_size
         self.main = self.ctx.rank == 0
         self._saving: threading.Thread | None = None
         self._save_error: BaseException | None = None
